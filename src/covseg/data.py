@@ -1,0 +1,218 @@
+"""Raw data in the Kaggle `covid-segmentation` layout: load, import, synthesise, record with DVC.
+
+A raw folder holds
+    images_medseg.npy       (N, H, W, 1) float, Hounsfield units
+    masks_medseg.npy        (N, H, W, 4) one-hot: ground glass, consolidation, lungs other, background
+    test_images_medseg.npy  (M, H, W, 1) float, Hounsfield units
+    slice_ids.json          optional: {"train": [...], "test": [...]} source slice numbers
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+IMAGES = "images_medseg.npy"
+MASKS = "masks_medseg.npy"
+TEST_IMAGES = "test_images_medseg.npy"
+SLICE_IDS = "slice_ids.json"
+CLASSES = ("ground_glass", "consolidation", "lungs_other", "background")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the problem."""
+
+
+@dataclass
+class RawData:
+    images: np.ndarray       # (N, H, W, 1)
+    masks: np.ndarray        # (N, H, W, 4)
+    test_images: np.ndarray  # (M, H, W, 1)
+    train_ids: list[int]
+    test_ids: list[int]
+    directory: Path
+
+
+def _load_array(path: Path, channels: int) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path}: file is missing")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # numpy raises several types for a corrupt file
+        raise DataError(f"{path}: not a readable .npy array ({exc})") from exc
+    if array.ndim != 4 or array.shape[-1] != channels or array.shape[0] == 0:
+        raise DataError(
+            f"{path}: expected shape (N, H, W, {channels}) with N > 0, found {tuple(array.shape)}"
+        )
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise DataError(f"{path}: expected a numeric array, found dtype {array.dtype}")
+    return array
+
+
+def load_raw(directory: str | Path) -> RawData:
+    """Load a Kaggle-layout folder, memory-mapped. Checks structure only; content is `validation`'s job."""
+    directory = Path(directory)
+    images = _load_array(directory / IMAGES, 1)
+    masks = _load_array(directory / MASKS, 4)
+    test_images = _load_array(directory / TEST_IMAGES, 1)
+    train_ids, test_ids = list(range(len(images))), list(range(len(test_images)))
+    ids_path = directory / SLICE_IDS
+    if ids_path.is_file():
+        try:
+            ids = json.loads(ids_path.read_text())
+            train_ids, test_ids = [int(i) for i in ids["train"]], [int(i) for i in ids["test"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{ids_path}: expected {{'train': [...], 'test': [...]}} ({exc})") from exc
+        if len(train_ids) != len(images) or len(test_ids) != len(test_images):
+            raise DataError(
+                f"{ids_path}: lists {len(train_ids)} train and {len(test_ids)} test ids for "
+                f"{len(images)} images and {len(test_images)} test images"
+            )
+    return RawData(images, masks, test_images, train_ids, test_ids, directory)
+
+
+def write_raw(directory: str | Path, images, masks, test_images, train_ids=None, test_ids=None) -> Path:
+    """Write a Kaggle-layout folder atomically: the old folder stays until the new one is complete."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        np.save(tmp / IMAGES, np.asarray(images))
+        np.save(tmp / MASKS, np.asarray(masks))
+        np.save(tmp / TEST_IMAGES, np.asarray(test_images))
+        ids = {
+            "train": list(train_ids) if train_ids is not None else list(range(len(images))),
+            "test": list(test_ids) if test_ids is not None else list(range(len(test_images))),
+        }
+        (tmp / SLICE_IDS).write_text(json.dumps(ids) + "\n")
+        replace_dir(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Swap a finished folder into place; the previous one is removed only after the swap."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_raw(source: str | Path, directory: str | Path) -> Path:
+    """Copy a Kaggle-layout folder (already checked by the caller) into `directory`, atomically."""
+    raw = load_raw(source)
+    return write_raw(directory, raw.images, raw.masks, raw.test_images, raw.train_ids, raw.test_ids)
+
+
+def record_with_dvc(dvc_file: str | Path = "data.dvc") -> str:
+    """Record the current content of the folder tracked by `dvc_file`; returns the new md5."""
+    dvc_file = Path(dvc_file)
+    subprocess.run(["dvc", "commit", "--force", "--quiet", str(dvc_file)], check=True,
+                   cwd=dvc_file.parent if str(dvc_file.parent) else ".")
+    return data_version(dvc_file)
+
+
+def data_version(dvc_file: str | Path = "data.dvc") -> str:
+    """The md5 that `dvc_file` records for the data, or '' if there is none."""
+    import yaml
+
+    try:
+        outs = yaml.safe_load(Path(dvc_file).read_text()).get("outs", [])
+    except (OSError, AttributeError):
+        return ""
+    return str(outs[0].get("md5", "")) if outs else ""
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded default: a deterministic generator of CT-like slices with all four classes.
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int = 16) -> np.ndarray:
+    """Low-frequency noise in about [-1, 1] at full resolution."""
+    coarse = ndimage.gaussian_filter(rng.normal(size=(cells, cells)), 1.0)
+    field = ndimage.zoom(coarse, size / cells, order=3)[:size, :size]
+    return field / (np.abs(field).max() + 1e-6)
+
+
+def _ellipse(yy, xx, cy, cx, ry, rx) -> np.ndarray:
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+
+
+def synth_slice(rng: np.random.Generator, size: int = 512, lesions: bool = True):
+    """One CT-like slice in HU (float32, (H, W)) and its class-index label (uint8, (H, W))."""
+    yy, xx = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
+    hu = np.full((size, size), -1000.0)
+    label = np.full((size, size), 3, np.uint8)
+
+    body = _ellipse(yy, xx, 0.05, 0.0, rng.uniform(0.62, 0.72), rng.uniform(0.82, 0.9)) < 1
+    hu[body] = -100.0  # subcutaneous fat
+    muscle = _ellipse(yy, xx, 0.05, 0.0, rng.uniform(0.55, 0.58), rng.uniform(0.74, 0.78)) < 1
+    hu[muscle & body] = 45.0
+    lungs = np.zeros_like(body)
+    for side in (-1, 1):
+        shape = _ellipse(yy, xx, rng.uniform(-0.05, 0.05), side * rng.uniform(0.33, 0.4),
+                         rng.uniform(0.4, 0.48), rng.uniform(0.22, 0.28))
+        lungs |= shape + 0.15 * _smooth_noise(rng, size, 8) < 1
+    heart = _ellipse(yy, xx, 0.12, 0.08, 0.2, 0.17) < 1
+    spine = _ellipse(yy, xx, 0.52, 0.0, 0.09, 0.08) < 1
+    lungs &= ~heart & ~spine & muscle
+    hu[lungs] = (-860.0 + 30 * _smooth_noise(rng, size))[lungs]
+    hu[heart] = 40.0
+    hu[spine] = 700.0
+
+    # vessels: small bright blobs inside the lungs, labelled as lung
+    ly, lx = np.nonzero(lungs)
+    for k in rng.integers(0, len(ly), size=40 if len(ly) else 0):
+        r = rng.uniform(0.008, 0.02)
+        hu[(_ellipse(yy, xx, yy[ly[k], lx[k]], xx[ly[k], lx[k]], r, r) < 1) & lungs] = rng.uniform(-80, 40)
+    label[lungs] = 2
+
+    if lesions and len(ly):
+        texture = _smooth_noise(rng, size, 32)
+        for cls, count, (lo, hi) in ((0, rng.integers(1, 5), (-700, -300)), (1, rng.integers(0, 4), (-100, 50))):
+            for _ in range(count):
+                k = rng.integers(len(ly))
+                cy, cx = yy[ly[k], lx[k]], xx[ly[k], lx[k]]
+                if cls == 1:  # consolidation sits posterior (dependent lung)
+                    cy = min(cy + 0.15, 0.4)
+                ry, rx = rng.uniform(0.05, 0.15, size=2)
+                blob = (_ellipse(yy, xx, cy, cx, ry, rx) + 0.5 * _smooth_noise(rng, size, 12) < 1) & lungs
+                hu[blob] = rng.uniform(lo, hi) + 60 * texture[blob]
+                label[blob] = cls
+
+    hu = ndimage.gaussian_filter(hu, 0.8) + rng.normal(0, 25, size=hu.shape)
+    return hu.astype(np.float32), label
+
+
+def synthesize(n_labelled: int = 40, n_test: int = 10, size: int = 512, seed: int = 0):
+    """Deterministic synthetic data set in the Kaggle layout: (images, masks, test_images)."""
+    def make(offset: int, n: int):
+        slices = [synth_slice(np.random.default_rng([seed, offset + i]), size, lesions=(i % 8 != 7))
+                  for i in range(n)]
+        images = np.stack([s[0] for s in slices])[..., None]
+        onehot = np.eye(4, dtype=np.uint8)[np.stack([s[1] for s in slices])]
+        return images, onehot
+
+    images, masks = make(0, n_labelled)
+    test_images, _ = make(1_000_000, n_test)
+    return images, masks, test_images
+
+
+def one_hot_to_index(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) one-hot -> (N, H, W) uint8 class index."""
+    return np.argmax(masks, axis=-1).astype(np.uint8)
+
+
+def index_to_one_hot(labels: np.ndarray, classes: int = 4) -> np.ndarray:
+    """(N, H, W) class index -> (N, H, W, C) uint8 one-hot."""
+    return np.eye(classes, dtype=np.uint8)[labels]

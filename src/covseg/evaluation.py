@@ -1,0 +1,74 @@
+"""Pixel-wise metrics (confusion matrix, precision, recall, F1, IoU), the Kaggle score, per-slice table."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from covseg.data import CLASSES
+
+SHORT = ("ggo", "consolidation", "lungs_other", "background")
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, classes: int = 4) -> np.ndarray:
+    """(classes, classes) int64 counts, rows = label, columns = prediction."""
+    labels, preds = np.asarray(labels).ravel(), np.asarray(preds).ravel()
+    if labels.shape != preds.shape:
+        raise ValueError(f"labels and predictions differ in size: {labels.shape} vs {preds.shape}")
+    idx = labels.astype(np.int64) * classes + preds.astype(np.int64)
+    return np.bincount(idx, minlength=classes * classes).reshape(classes, classes)
+
+
+def _ratio(num, den):
+    """num / den, defined as 1.0 where both are 0 (nothing to find, nothing found)."""
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    return np.where(den > 0, num / np.where(den > 0, den, 1), np.where(num > 0, 0.0, 1.0))
+
+
+def class_scores(cm: np.ndarray) -> pd.DataFrame:
+    """Per-class precision, recall, F1 and IoU from a confusion matrix (one row per class)."""
+    tp = np.diag(cm).astype(float)
+    fp = cm.sum(0) - tp
+    fn = cm.sum(1) - tp
+    return pd.DataFrame({
+        "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn), "iou": _ratio(tp, tp + fp + fn),
+        "support": cm.sum(1),
+    }, index=list(SHORT[:len(cm)]))
+
+
+def pooled_f1(cm: np.ndarray, scored=(0, 1)) -> float:
+    """F1 over the scored classes' one-hot channels together, as the Kaggle CSV rows are scored."""
+    tp = sum(cm[c, c] for c in scored)
+    fp = sum(cm[:, c].sum() - cm[c, c] for c in scored)
+    fn = sum(cm[c, :].sum() - cm[c, c] for c in scored)
+    return float(_ratio(2 * tp, 2 * tp + fp + fn))
+
+
+def summary_metrics(cm: np.ndarray) -> dict:
+    """Flat metrics dict: <metric>_<class> for every class, kaggle_f1 and pooled_f1."""
+    scores = class_scores(cm)
+    out = {f"{m}_{c}": float(scores.loc[c, m]) for c in scores.index for m in ("precision", "recall", "f1", "iou")}
+    out["kaggle_f1"] = float((scores.loc["ggo", "f1"] + scores.loc["consolidation", "f1"]) / 2)
+    out["pooled_f1"] = pooled_f1(cm)
+    return out
+
+
+def per_slice_table(labels: np.ndarray, preds: np.ndarray, slice_ids) -> pd.DataFrame:
+    """One row per slice: its id, per-class pixel counts (label / prediction), F1 and kaggle_f1."""
+    rows = []
+    for sid, y, p in zip(slice_ids, labels, preds):
+        m = summary_metrics(confusion_matrix(y, p))
+        row = {"slice_id": sid}
+        for c, name in enumerate(SHORT):
+            row[f"pixels_{name}"] = int((y == c).sum())
+            row[f"pred_pixels_{name}"] = int((p == c).sum())
+            row[f"f1_{name}"] = m[f"f1_{name}"]
+        row["kaggle_f1"] = m["kaggle_f1"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def trivial_kaggle_f1(labels: np.ndarray) -> float:
+    """Best kaggle_f1 of a constant predictor (every pixel one class) on these labels: a floor to beat."""
+    return max(summary_metrics(confusion_matrix(labels, np.full_like(labels, c)))["kaggle_f1"]
+               for c in range(len(CLASSES)))

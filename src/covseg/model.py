@@ -1,0 +1,108 @@
+"""The seed's plain U-Net (3x3 convs, 2x2 max-pool, transposed-conv upsampling, skips) and inference."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NUM_CLASSES = 4
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    return {"batch": lambda: nn.BatchNorm2d(channels),
+            "instance": lambda: nn.InstanceNorm2d(channels, affine=True),
+            "none": nn.Identity}[kind]()
+
+
+class UNet(nn.Module):
+    def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES, base_channels: int = 16,
+                 depth: int = 4, norm: str = "batch"):
+        super().__init__()
+        if norm not in ("batch", "instance", "none"):
+            raise ValueError(f"model.norm must be batch, instance or none, got {norm!r}")
+        self.config = dict(in_channels=in_channels, num_classes=num_classes,
+                           base_channels=base_channels, depth=depth, norm=norm)
+        widths = [base_channels * 2 ** i for i in range(depth + 1)]
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout), nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout), nn.ReLU(inplace=True))
+
+        self.down = nn.ModuleList([block(cin, cout) for cin, cout in zip([in_channels] + widths[:-1], widths)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(depth)])
+        self.dec = nn.ModuleList([block(2 * widths[i], widths[i]) for i in range(depth)])
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, down in enumerate(self.down):
+            x = down(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for i in reversed(range(len(self.up))):
+            x = self.dec[i](torch.cat([skips.pop(), self.up[i](x)], dim=1))
+        return self.head(x)
+
+
+def build_model(params: dict) -> UNet:
+    m = params["model"]
+    return UNet(base_channels=m["base_channels"], depth=m["depth"], norm=m["norm"])
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """auto: CUDA, then Apple MPS, then CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def save_checkpoint(model: UNet, path: str | Path, **extra) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"config": model.config, "state_dict": model.state_dict(), **extra}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    model = UNet(**ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), ckpt
+
+
+def resize(x: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
+    """Scale a (N, C, H, W) batch; identity for scale 1."""
+    if scale == 1:
+        return x
+    return F.interpolate(x, scale_factor=scale, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: np.ndarray, scale: float = 1.0, batch_size: int = 4,
+                   device: torch.device | str = "cpu") -> np.ndarray:
+    """Images (N, H, W) in [0, 1] -> logits (N, 4, H, W) float32 at full size."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size], dtype=np.float32))
+        x = resize(x[:, None].to(device), scale, "bilinear")
+        logits = model(x)
+        if scale != 1:
+            logits = F.interpolate(logits, size=images.shape[1:], mode="bilinear", align_corners=False)
+        out.append(logits.float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def predict_labels(model: nn.Module, images: np.ndarray, scale: float = 1.0, batch_size: int = 4,
+                   device: torch.device | str = "cpu") -> np.ndarray:
+    """Images (N, H, W) in [0, 1] -> class index (N, H, W) uint8."""
+    return predict_logits(model, images, scale, batch_size, device).argmax(1).astype(np.uint8)
