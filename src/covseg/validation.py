@@ -64,7 +64,7 @@ def _mask_facts(mask: np.ndarray, image: np.ndarray | None) -> dict:
         lesion = labels <= 1
         body = ndimage.binary_fill_holes(hu > -500)  # air connected to the border is outside the body
         facts["lesion_outside_body"] = float((lesion & ~body).sum() / max(lesion.sum(), 1))
-        lung = labels == 2
+        lung = (labels == 2) & body
         facts["lung_hu_mean"] = float(hu[lung].mean()) if lung.any() else -1000.0
     return facts
 
@@ -96,10 +96,10 @@ def raw_facts(raw: RawData) -> pd.DataFrame:
 
 def raw_expectations(facts: pd.DataFrame, raw: RawData, v: dict) -> list:
     import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
 
     height, width = raw.images.shape[1:3]
-    labelled = "role == 'labelled'"  # pandas row_condition: mask facts exist for labelled rows only
-    cond = {"row_condition": labelled, "condition_parser": "pandas"}
+    cond = {"row_condition": Column("role") == "labelled"}  # mask facts exist for labelled rows only
     return [
         gxe.ExpectColumnValuesToBeInSet(column="has_mask", value_set=[True],
                                         meta={"check": "every image has a mask"}),

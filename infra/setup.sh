@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up covseg on this machine: a virtual environment (.venv) with everything, telemetry off, and the
+# data that data.dvc records (pulled from the DVC remote, or regenerated from the embedded default).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DVC_NO_ANALYTICS=1 DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+
+# torch first, pinned, so that a CPU machine never pulls the CUDA build.
+if python -c "import torch" 2>/dev/null; then
+    echo "setup: using the installed torch $(python -c 'import torch; print(torch.__version__)')"
+elif pip download -q --no-index --no-deps -d "$(mktemp -d)" "torch==$TORCH_VERSION" >/dev/null 2>&1; then
+    pip install -q "torch==$TORCH_VERSION"          # a local wheel (this workplace ships the CPU build)
+elif command -v nvidia-smi >/dev/null 2>&1; then
+    pip install -q "torch==$TORCH_VERSION"          # GPU machine: the CUDA build from PyPI
+else
+    pip install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+        --extra-index-url https://pypi.org/simple   # CPU machine: the CPU build
+fi
+pip install -q -e ".[test]"
+
+# Data: data/raw as data.dvc records it.
+if [ ! -f data/raw/images_medseg.npy ]; then
+    if dvc pull -q data.dvc 2>/dev/null; then
+        echo "setup: pulled data/raw from the DVC remote"
+    else
+        echo "setup: no data/raw in the DVC remote; writing the embedded synthetic default"
+        covseg data synth
+    fi
+fi
+echo "setup: done. Next: . .venv/bin/activate && dvc repro"

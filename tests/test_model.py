@@ -1,0 +1,32 @@
+import numpy as np
+import pytest
+import torch
+
+from covseg.model import UNet, build_model, load_checkpoint, predict_labels, save_checkpoint
+
+
+@pytest.mark.parametrize("depth,base", [(1, 4), (3, 8), (4, 16)])
+def test_unet_shapes(depth, base):
+    model = UNet(base_channels=base, depth=depth)
+    out = model(torch.zeros(2, 1, 64, 64))
+    assert out.shape == (2, 4, 64, 64)
+    assert len(model.down) == depth + 1 and model.down[-1][0].out_channels == base * 2 ** depth
+
+
+def test_seed_recipe_is_the_plain_unet(params):
+    p = {**params, "model": {"base_channels": 64, "depth": 4, "norm": "none"}}
+    model = build_model(p)
+    assert isinstance(model.up[0], torch.nn.ConvTranspose2d)
+    assert model.down[0][0].kernel_size == (3, 3)
+
+
+def test_predict_at_half_scale_returns_full_size(tmp_path):
+    torch.manual_seed(0)
+    model = UNet(base_channels=4, depth=2)
+    images = np.random.default_rng(0).random((3, 32, 32), dtype=np.float32)
+    labels = predict_labels(model, images, scale=0.5, batch_size=2)
+    assert labels.shape == (3, 32, 32) and labels.dtype == np.uint8 and labels.max() <= 3
+    save_checkpoint(model, tmp_path / "m.pt", scale=0.5)
+    loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
+    assert ckpt["scale"] == 0.5
+    assert np.array_equal(predict_labels(loaded, images, 0.5, 2), labels)

@@ -1,0 +1,123 @@
+"""The data contracts: good data passes, each kind of corruption fails with the right expectation named."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from covseg.data import DataError, load_raw, write_raw
+from covseg.validation import ContractError, summary, validate_raw, validate_submission
+
+
+def test_good_synthetic_data_passes(tiny_raw, params):
+    report = validate_raw(load_raw(tiny_raw), params)
+    assert report["success"] and len(report["checks"]) >= 15
+    assert "all" in summary(report)
+
+
+def _corrupt(tmp_path, arrays, fn):
+    images, masks, test = (a.copy() for a in arrays)
+    images, masks, test = fn(images, masks, test)
+    return write_raw(tmp_path / "bad", images, masks, test)
+
+
+def _nan(images, masks, test):
+    images[4, 10:20, 10:20] = np.nan
+    return images, masks, test
+
+
+def _bytes(images, masks, test):  # exported as 8-bit 0..255 instead of HU
+    return np.clip((images + 1000) / 1400 * 255, 0, 255).round(), masks, test
+
+
+def _unit(images, masks, test):  # exported already scaled to 0..1
+    return np.clip((images + 1000) / 1400, 0, 1), masks, test
+
+
+def _not_one_hot(images, masks, test):
+    masks[2, 30:34, 30:34, 0] = 1  # a patch labelled both ground glass and background/lung
+    return images, masks, test
+
+
+def _values_not_binary(images, masks, test):
+    return images, masks * 255, test  # 0/255 masks
+
+
+def _shifted(images, masks, test):  # channel order off by one
+    return images, np.roll(masks, 1, axis=-1), test
+
+
+def _other_version(images, masks, test):  # masks of another export: shifted by a quarter of the width
+    return images, np.roll(masks, masks.shape[2] // 4, axis=2), test
+
+
+def _duplicate(images, masks, test):
+    images[5], masks[5] = images[3], masks[3]
+    return images, masks, test
+
+
+def _missing_masks(images, masks, test):
+    return images, masks[:-2], test
+
+
+def _test_geometry(images, masks, test):
+    return images, masks, test[:, :32, :32]
+
+
+def _mask_geometry(images, masks, test):
+    return images, masks[:, :32, :32], test
+
+
+def _lesion_in_air(images, masks, test):
+    masks[6, :6, :6] = [1, 0, 0, 0]  # ground glass painted in the outside air corner
+    return images, masks, test
+
+
+@pytest.mark.parametrize("corruption,column", [
+    (_nan, "nonfinite"),
+    (_bytes, "hu_min"),
+    (_unit, "hu_range"),
+    (_not_one_hot, "onehot_bad_pixels"),
+    (_values_not_binary, "mask_values_ok"),
+    (_shifted, "frac_lesion"),
+    (_other_version, ("lung_hu_mean", "lesion_outside_body")),
+    (_duplicate, "hash"),
+    (_missing_masks, "has_mask"),
+    (_test_geometry, "height"),
+    (_mask_geometry, "mask_height"),
+    (_lesion_in_air, "lesion_outside_body"),
+])
+def test_corruption_fails_with_the_right_expectation(tmp_path, tiny_arrays, params, corruption, column):
+    bad = _corrupt(tmp_path, tiny_arrays, corruption)
+    with pytest.raises(ContractError) as info:
+        validate_raw(load_raw(bad), params)
+    failed = {c["kwargs"].get("column") for c in info.value.report["checks"] if not c["success"]}
+    assert failed & set((column,) if isinstance(column, str) else column), summary(info.value.report)
+    message = str(info.value)
+    assert str(bad) in message and "FAILED" in message
+    assert "_medseg.npy: slices" in message, "names the file and the slice indices"
+
+
+def test_summary_names_file_slice_and_value(tmp_path, tiny_arrays, params):
+    bad = _corrupt(tmp_path, tiny_arrays, _nan)
+    with pytest.raises(ContractError, match=r"images_medseg\.npy: slices 4 \(nonfinite=100\)"):
+        validate_raw(load_raw(bad), params)
+
+
+def test_thresholds_come_from_params(tiny_raw, params):
+    strict = {**params, "validate": {**params["validate"], "max_lesion_fraction": 0.0}}
+    with pytest.raises(ContractError, match="lesions are not most of the image"):
+        validate_raw(load_raw(tiny_raw), strict)
+
+
+def test_contract_error_is_a_data_error():
+    assert issubclass(ContractError, DataError)
+
+
+def test_submission_contract():
+    good = pd.DataFrame({"Id": np.arange(8), "Predicted": np.array([0, 1] * 4, np.uint8)})
+    assert validate_submission(good, 8, "sub.csv")["success"]
+    bad = good.assign(Predicted=[0, 1, 2, 0, 0, 0, 0, 0], Id=[0, 1, 2, 3, 4, 5, 6, 6])
+    with pytest.raises(ContractError) as info:
+        validate_submission(bad, 9, "sub.csv")
+    failed = {c["expectation"] for c in info.value.report["checks"] if not c["success"]}
+    assert failed == {"expect_table_row_count_to_equal", "expect_column_values_to_be_unique",
+                      "expect_column_values_to_be_in_set"}
