@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from covseg.model import UNet, build_model, load_checkpoint, predict_labels, save_checkpoint
+from covseg.model import Segmenter, UNet, build_model, load_checkpoint, predict_labels, save_checkpoint
 
 
 @pytest.mark.parametrize("depth,base", [(1, 4), (3, 8), (4, 16)])
@@ -22,11 +22,11 @@ def test_seed_recipe_is_the_plain_unet(params):
 
 def test_predict_at_half_scale_returns_full_size(tmp_path):
     torch.manual_seed(0)
-    model = UNet(base_channels=4, depth=2)
+    model = Segmenter(UNet(base_channels=4, depth=2), scale=0.5)
     images = np.random.default_rng(0).random((3, 32, 32), dtype=np.float32)
-    labels = predict_labels(model, images, scale=0.5, batch_size=2)
+    labels = predict_labels(model, images, batch_size=2)
     assert labels.shape == (3, 32, 32) and labels.dtype == np.uint8 and labels.max() <= 3
-    save_checkpoint(model, tmp_path / "m.pt", scale=0.5)
+    save_checkpoint(model, tmp_path / "m.pt", epoch=3)
     loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
-    assert ckpt["scale"] == 0.5
-    assert np.array_equal(predict_labels(loaded, images, 0.5, 2), labels)
+    assert loaded.scale == 0.5 and ckpt["epoch"] == 3
+    assert np.array_equal(predict_labels(loaded, images, 2), labels)

@@ -71,7 +71,9 @@ def cmd_validate(args, params) -> None:
 
 
 def cmd_preprocess(args, params) -> None:
-    from covseg.data import load_raw
+    import shutil
+
+    from covseg.data import load_raw, one_hot_to_index, replace_dir
     from covseg.preprocessing import lesion_burden, preprocess
     from covseg.validation import summary, validate_processed
 
@@ -79,18 +81,12 @@ def cmd_preprocess(args, params) -> None:
     out = Path(args.out)
     staging = out.with_name(f".{out.name}.staging")
     split = preprocess(raw, staging, params)
+    n_consolidation = int((lesion_burden(one_hot_to_index(raw.masks))[:, 1] > 0).sum())
     try:
-        from covseg.data import one_hot_to_index
-
-        n_cons = int((lesion_burden(one_hot_to_index(raw.masks))[:, 1] > 0).sum())
-        print(summary(validate_processed(staging, params, len(raw.images), n_cons)))
-    except Exception:
-        import shutil
-
+        print(summary(validate_processed(staging, params, len(raw.images), n_consolidation)))
+    except DataError:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    from covseg.data import replace_dir
-
     replace_dir(staging, out)
     print(f"{len(split['train_index'])} train / {len(split['val_index'])} validation slices "
           f"({split['train_with_consolidation']} / {split['val_with_consolidation']} with consolidation), "
@@ -98,6 +94,10 @@ def cmd_preprocess(args, params) -> None:
 
 
 def cmd_train(args, params) -> None:
+    import mlflow
+
+    from covseg import tracking
+    from covseg.model import load_checkpoint, save_checkpoint
     from covseg.preprocessing import load_processed
     from covseg.training import train
 
@@ -105,44 +105,67 @@ def cmd_train(args, params) -> None:
     x_val, y_val = load_processed(args.data, "val")
     model_path, history_path = Path(args.model), Path(args.history)
     partial = model_path.with_name(f".{model_path.name}.partial")
-    history = train(params, x_train, y_train, x_val, y_val, partial)
-    history_path.parent.mkdir(parents=True, exist_ok=True)
-    history.to_csv(history_path.with_name(f".{history_path.name}.tmp"), index=False)
-    history_path.with_name(f".{history_path.name}.tmp").replace(history_path)
-    partial.replace(model_path)
-    best = history.loc[history["val_kaggle_f1"].idxmax()]
-    print(f"best epoch {int(best['epoch'])}: val_kaggle_f1 {best['val_kaggle_f1']:.4f} -> {model_path}")
+    with tracking.start_training_run(params) as run:
+        history = train(params, x_train, y_train, x_val, y_val, partial, on_epoch=tracking.log_epoch)
+        model, ckpt = load_checkpoint(partial)
+        model_uri = tracking.log_model(model, x_val.shape[1:])
+        save_checkpoint(model, partial, epoch=ckpt["epoch"], val_kaggle_f1=ckpt["val_kaggle_f1"],
+                        mlflow_run_id=run.info.run_id, mlflow_model_uri=model_uri)
+        history_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = history_path.with_name(f".{history_path.name}.tmp")
+        history.to_csv(tmp, index=False)
+        tmp.replace(history_path)
+        partial.replace(model_path)
+        mlflow.log_artifact(str(history_path))
+        mlflow.set_tag("best_epoch", ckpt["epoch"])
+    print(f"best epoch {ckpt['epoch']}: val_kaggle_f1 {ckpt['val_kaggle_f1']:.4f} -> {model_path} "
+          f"(MLflow run {run.info.run_id})")
+
+
+def _load_model(spec: str, params: dict):
+    """A checkpoint path, or an MLflow model URI (models:/covseg-unet@champion, runs:/...)."""
+    from covseg import tracking
+    from covseg.model import load_checkpoint, pick_device
+
+    device = pick_device(params["train"]["device"])
+    if ":/" in spec:
+        return tracking.load_model(spec, device), {}, device
+    model, ckpt = load_checkpoint(spec, device)
+    return model, ckpt, device
+
+
+def _scores(model, images, labels, params, device):
+    from covseg.evaluation import confusion_matrix
+    from covseg.model import predict_labels
+
+    preds = predict_labels(model, images, params["evaluate"]["batch_size"], device)
+    return preds, confusion_matrix(labels, preds)
 
 
 def cmd_evaluate(args, params) -> None:
+    import mlflow
     import numpy as np
     import pandas as pd
 
-    from covseg import plots
-    from covseg.data import replace_dir
-    from covseg.evaluation import confusion_matrix, per_slice_table, summary_metrics, trivial_kaggle_f1
-    from covseg.model import load_checkpoint, pick_device, predict_labels
+    from covseg import plots, registry, tracking
+    from covseg.data import data_version, replace_dir
+    from covseg.evaluation import SHORT, per_slice_table, summary_metrics, trivial_kaggle_f1
     from covseg.preprocessing import load_processed
 
-    device = pick_device(params["train"]["device"])
-    model, ckpt = load_checkpoint(args.model, device)
+    model, ckpt, device = _load_model(args.model, params)
     images, labels = load_processed(args.data, "val")
-    preds = predict_labels(model, images, ckpt.get("scale", 1.0), params["evaluate"]["batch_size"], device)
-    cm = confusion_matrix(labels, preds)
+    preds, cm = _scores(model, images, labels, params, device)
     split = json.loads((Path(args.data) / "split.json").read_text())
     metrics = {**summary_metrics(cm), "trivial_kaggle_f1": trivial_kaggle_f1(labels),
                "best_epoch": int(ckpt.get("epoch", 0)), "val_slices": len(labels)}
 
     out = Path(args.out)
     staging = out.with_name(f".{out.name}.staging")
-    table = per_slice_table(labels, preds, split["val_slice_ids"])
     staging.mkdir(parents=True, exist_ok=True)
+    table = per_slice_table(labels, preds, split["val_slice_ids"])
     table.to_csv(staging / "per_slice.csv", index=False)
-    from covseg.evaluation import SHORT
-
     pd.DataFrame(cm, index=SHORT, columns=SHORT).rename_axis("label").to_csv(staging / "confusion_matrix.csv")
-    history = pd.read_csv(args.history)
-    plots.loss_curves(history, staging / "loss_curves.png")
+    plots.loss_curves(pd.read_csv(args.history), staging / "loss_curves.png")
     plots.confusion(cm, staging / "confusion_matrix.png")
     burden = (labels <= 1).reshape(len(labels), -1).mean(1)
     for rank, i in enumerate(np.argsort(-burden)[: params["evaluate"]["overlays"]]):
@@ -150,25 +173,43 @@ def cmd_evaluate(args, params) -> None:
         plots.overlay(images[i], labels[i], preds[i], f"slice {sid}: kaggle_f1 {table.loc[i, 'kaggle_f1']:.3f}",
                       staging / f"overlay_{rank:02d}_slice{sid}.png")
     replace_dir(staging, out)
+
+    run_id = ckpt.get("mlflow_run_id")
+    if run_id:
+        with tracking.resume(run_id, params["tracking"]["experiment"]):
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+            mlflow.log_artifacts(str(out), "evaluation")
+            if Path(args.validation).is_file():
+                mlflow.log_artifact(args.validation)
+            tags = {k: round(metrics[k], 6) for k in ("kaggle_f1", "f1_ggo", "f1_consolidation", "pooled_f1")}
+            version = registry.register(ckpt["mlflow_model_uri"], run_id, params["registry"]["model_name"],
+                                        {**tags, "data_version": data_version(Path("data.dvc"))})
+        metrics.update(mlflow_run_id=run_id, model_version=version)
     _write_json(metrics, Path(args.metrics))
     print(f"validation kaggle_f1 {metrics['kaggle_f1']:.4f} (ground glass {metrics['f1_ggo']:.4f}, "
           f"consolidation {metrics['f1_consolidation']:.4f}; pooled {metrics['pooled_f1']:.4f}; "
-          f"constant predictor {metrics['trivial_kaggle_f1']:.4f}) -> {args.metrics}, {out}/")
+          f"constant predictor {metrics['trivial_kaggle_f1']:.4f}) -> {args.metrics}, {out}/"
+          + (f"; registered {params['registry']['model_name']} v{metrics['model_version']}" if run_id else ""))
 
 
 def cmd_submit(args, params) -> None:
+    import gzip
+    import shutil
+    import tempfile
+
+    import mlflow
     import numpy as np
 
+    from covseg import tracking
     from covseg.data import index_to_one_hot
-    from covseg.model import load_checkpoint, pick_device, predict_labels
+    from covseg.model import predict_labels
     from covseg.preprocessing import load_processed
     from covseg.submission import submission_table, write_submission
     from covseg.validation import summary, validate_submission
 
-    device = pick_device(params["train"]["device"])
-    model, ckpt = load_checkpoint(args.model, device)
+    model, ckpt, device = _load_model(args.model, params)
     images, _ = load_processed(args.data, "test")
-    preds = predict_labels(model, images, ckpt.get("scale", 1.0), params["evaluate"]["batch_size"], device)
+    preds = predict_labels(model, images, params["evaluate"]["batch_size"], device)
     out = Path(args.out)
     csv_path = out / "submission.csv"
     table = submission_table(preds)
@@ -178,6 +219,36 @@ def cmd_submit(args, params) -> None:
     np.save(masks_path.with_name(".test_masks.tmp.npy"), index_to_one_hot(preds))
     masks_path.with_name(".test_masks.tmp.npy").replace(masks_path)
     print(f"{len(table):,} rows for {len(preds)} test images -> {csv_path}; masks -> {masks_path}")
+    if ckpt.get("mlflow_run_id"):  # the CSV compresses ~20x; Kaggle takes it zipped as well
+        with tempfile.TemporaryDirectory() as tmp:
+            gz = Path(tmp) / "submission.csv.gz"
+            with open(csv_path, "rb") as src, gzip.open(gz, "wb", compresslevel=3) as dst:
+                shutil.copyfileobj(src, dst)
+            with tracking.resume(ckpt["mlflow_run_id"], params["tracking"]["experiment"]):
+                mlflow.log_artifact(str(gz), "submission")
+
+
+def cmd_promote(args, params) -> None:
+    from covseg import registry, tracking
+    from covseg.evaluation import summary_metrics
+    from covseg.preprocessing import load_processed
+
+    tracking.configure(params["tracking"]["experiment"])
+    reg = params["registry"]
+    name = reg["model_name"]
+    if args.version and args.force:
+        decision = registry.set_champion(name, args.version)
+    else:
+        images, labels = load_processed(args.data, "val")
+
+        def score(uri: str) -> float:
+            model, _, device = _load_model(uri, params)
+            return summary_metrics(_scores(model, images, labels, params, device)[1])[reg["promotion_metric"]]
+
+        decision = registry.promote(name, score, reg["promotion_margin"], reg["promotion_metric"], args.version)
+    print(f"{name}: {decision['reason']} (champion: v{decision['champion_after']})")
+    if args.output:
+        _write_json(decision, Path(args.output))
 
 
 # ----------------------------------------------------------------------------------- parser
@@ -221,17 +292,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="stage: validation metrics, per-slice table, plots")
     p.add_argument("--data", default=DEFAULTS["processed"])
-    p.add_argument("--model", default=DEFAULTS["model"])
+    p.add_argument("--model", default=DEFAULTS["model"],
+                   help="checkpoint, or an MLflow model URI such as models:/covseg-unet@champion")
     p.add_argument("--history", default=DEFAULTS["history"])
     p.add_argument("--metrics", default=DEFAULTS["metrics"])
+    p.add_argument("--validation", default=DEFAULTS["validation"], help="the validation report, logged with the run")
     p.add_argument("--out", default=DEFAULTS["evaluation"])
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("submit", help="stage: predict the test images, write the competition CSV and masks")
     p.add_argument("--data", default=DEFAULTS["processed"])
-    p.add_argument("--model", default=DEFAULTS["model"])
+    p.add_argument("--model", default=DEFAULTS["model"],
+                   help="checkpoint, or an MLflow model URI such as models:/covseg-unet@champion")
     p.add_argument("--out", default=DEFAULTS["submission"])
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("promote", help="registry: challenger vs champion on the validation data, by a metric gate")
+    p.add_argument("--data", default=DEFAULTS["processed"])
+    p.add_argument("--version", type=int, help="the version to consider (default: the newest)")
+    p.add_argument("--force", action="store_true", help="with --version: make it champion by hand (roll back)")
+    p.add_argument("--output", help="write the decision as JSON here")
+    p.set_defaults(func=cmd_promote)
     return parser
 
 

@@ -64,19 +64,38 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def save_checkpoint(model: UNet, path: str | Path, **extra) -> None:
+class Segmenter(nn.Module):
+    """The deployable model: full-size slices (N, 1, H, W) in [0, 1] -> full-size logits (N, 4, H, W).
+
+    The U-Net inside may work at a fraction `scale` of the slice size (train.scale); this wrapper
+    resizes on the way in and out, so every consumer (evaluate, submit, the registry) sees full size.
+    """
+
+    def __init__(self, unet: UNet, scale: float = 1.0):
+        super().__init__()
+        self.unet, self.scale = unet, float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.unet(resize(x, self.scale, "bilinear"))
+        if self.scale != 1:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+
+def save_checkpoint(model: Segmenter, path: str | Path, **extra) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"config": model.config, "state_dict": model.state_dict(), **extra}, tmp)
+    torch.save({"config": model.unet.config, "scale": model.scale, "state_dict": model.unet.state_dict(), **extra},
+               tmp)
     tmp.replace(path)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    model = UNet(**ckpt["config"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval(), ckpt
+    unet = UNet(**ckpt["config"])
+    unet.load_state_dict(ckpt["state_dict"])
+    return Segmenter(unet, ckpt["scale"]).to(device).eval(), ckpt
 
 
 def resize(x: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
@@ -87,22 +106,18 @@ def resize(x: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: np.ndarray, scale: float = 1.0, batch_size: int = 4,
+def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 4,
                    device: torch.device | str = "cpu") -> np.ndarray:
-    """Images (N, H, W) in [0, 1] -> logits (N, 4, H, W) float32 at full size."""
+    """Images (N, H, W) in [0, 1] -> logits (N, 4, H, W) float32, with a full-size model (Segmenter)."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size], dtype=np.float32))
-        x = resize(x[:, None].to(device), scale, "bilinear")
-        logits = model(x)
-        if scale != 1:
-            logits = F.interpolate(logits, size=images.shape[1:], mode="bilinear", align_corners=False)
-        out.append(logits.float().cpu().numpy())
+        out.append(model(x[:, None].to(device)).float().cpu().numpy())
     return np.concatenate(out)
 
 
-def predict_labels(model: nn.Module, images: np.ndarray, scale: float = 1.0, batch_size: int = 4,
+def predict_labels(model: nn.Module, images: np.ndarray, batch_size: int = 4,
                    device: torch.device | str = "cpu") -> np.ndarray:
     """Images (N, H, W) in [0, 1] -> class index (N, H, W) uint8."""
-    return predict_logits(model, images, scale, batch_size, device).argmax(1).astype(np.uint8)
+    return predict_logits(model, images, batch_size, device).argmax(1).astype(np.uint8)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from covseg.evaluation import SHORT, confusion_matrix, summary_metrics
-from covseg.model import build_model, pick_device, predict_logits, resize, save_checkpoint
+from covseg.model import Segmenter, build_model, pick_device, predict_logits, resize, save_checkpoint
 
 
 def set_seed(seed: int) -> None:
@@ -81,8 +81,9 @@ def train(params: dict, train_images: np.ndarray, train_labels: np.ndarray, val_
     loader = DataLoader(dataset, batch_size=t["batch_size"], shuffle=True, drop_last=len(dataset) > t["batch_size"],
                         generator=torch.Generator().manual_seed(params["seed"]))
 
-    model = build_model(params).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+    net = build_model(params).to(device)      # trained on downscaled slices
+    model = Segmenter(net, scale)             # evaluated and saved at full size
+    optimizer = torch.optim.Adam(net.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(t["epochs"], 1))
     loss_fn = make_loss(params, device)
     val_target = torch.from_numpy(val_labels).long()
@@ -90,11 +91,11 @@ def train(params: dict, train_images: np.ndarray, train_labels: np.ndarray, val_
     history, best = [], -1.0
     for epoch in range(1, t["epochs"] + 1):
         start = time.perf_counter()
-        model.train()
+        net.train()
         losses = []
         bar = tqdm(loader, desc=f"epoch {epoch}/{t['epochs']}", leave=False, dynamic_ncols=True, disable=None)
         for xb, yb in bar:
-            loss = loss_fn(model(xb.to(device)), yb.to(device))
+            loss = loss_fn(net(xb.to(device)), yb.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -103,7 +104,7 @@ def train(params: dict, train_images: np.ndarray, train_labels: np.ndarray, val_
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
-        logits = torch.from_numpy(predict_logits(model, val_images, scale, t["batch_size"], device))
+        logits = torch.from_numpy(predict_logits(model, val_images, t["batch_size"], device))
         val_loss = float(loss_fn(logits.to(device), val_target.to(device)))
         metrics = summary_metrics(confusion_matrix(val_labels, logits.argmax(1).numpy()))
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "lr": lr,
@@ -111,7 +112,7 @@ def train(params: dict, train_images: np.ndarray, train_labels: np.ndarray, val_
                "val_kaggle_f1": metrics["kaggle_f1"], "seconds": time.perf_counter() - start}
         if metrics["kaggle_f1"] > best:
             best = metrics["kaggle_f1"]
-            save_checkpoint(model, checkpoint, epoch=epoch, val_kaggle_f1=best, scale=scale)
+            save_checkpoint(model, checkpoint, epoch=epoch, val_kaggle_f1=best)
         history.append(row)
         tqdm.write(f"epoch {epoch:3d}  train_loss {row['train_loss']:.4f}  val_loss {val_loss:.4f}  "
                    f"val_kaggle_f1 {metrics['kaggle_f1']:.4f}  ({row['seconds']:.1f}s)")

@@ -1,0 +1,83 @@
+"""The MLflow model registry: one registered model, a version per training run, aliases
+`challenger` / `champion`, and promotion by a metric gate. Aliases, never the deprecated stages."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+import mlflow
+from mlflow import MlflowClient
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+
+def register(model_uri: str, run_id: str, name: str, tags: dict) -> int:
+    """Register the run's model as a new version (once per run); tag it; return the version number."""
+    client = MlflowClient()
+    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    version = existing[0].version if existing else mlflow.register_model(model_uri, name).version
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    return int(version)
+
+
+def aliases(name: str) -> dict[str, int]:
+    """alias -> version (search_model_versions does not return aliases; the registered model does)."""
+    try:
+        return {alias: int(v) for alias, v in MlflowClient().get_registered_model(name).aliases.items()}
+    except mlflow.exceptions.MlflowException:
+        return {}
+
+
+def latest_version(name: str) -> int:
+    versions = MlflowClient().search_model_versions(f"name='{name}'")
+    if not versions:
+        raise LookupError(f"registered model {name!r} has no versions yet: train one first (dvc repro)")
+    return max(int(v.version) for v in versions)
+
+
+def _record(name: str, version: int, decision: dict) -> None:
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, "promotion", json.dumps(decision))
+    client.update_model_version(name, version, description=decision["reason"])
+
+
+def promote(name: str, score: Callable[[str], float], margin: float, metric: str,
+            version: int | None = None) -> dict:
+    """Make `version` (default: the newest) the challenger, score it and the champion on the same data
+    with `score(model_uri)`, and move `champion` to it only if it beats the champion by `margin`."""
+    client = MlflowClient()
+    challenger = version or latest_version(name)
+    client.set_registered_model_alias(name, CHALLENGER, challenger)
+    champion = aliases(name).get(CHAMPION)
+    decision = {"challenger": challenger, "champion_before": champion, "metric": metric, "margin": margin,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    decision["challenger_score"] = score(f"models:/{name}/{challenger}")
+    if champion is None:
+        promoted, reason = True, "no champion yet"
+    elif champion == challenger:
+        promoted, reason = False, f"version {challenger} is already the champion"
+    else:
+        decision["champion_score"] = score(f"models:/{name}/{champion}")
+        promoted = decision["challenger_score"] >= decision["champion_score"] + margin
+        reason = (f"{metric} {decision['challenger_score']:.4f} vs champion v{champion} "
+                  f"{decision['champion_score']:.4f}: {'beats' if promoted else 'does not beat'} it by {margin}")
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, challenger)
+    decision.update(promoted=promoted, champion_after=challenger if promoted else champion,
+                    reason=f"{'promoted' if promoted else 'not promoted'}: {reason}")
+    _record(name, challenger, decision)
+    return decision
+
+
+def set_champion(name: str, version: int) -> dict:
+    """Promote or roll back by hand: `champion` -> `version`, recorded on the version."""
+    before = aliases(name).get(CHAMPION)
+    MlflowClient().get_model_version(name, str(version))  # raises if there is no such version
+    MlflowClient().set_registered_model_alias(name, CHAMPION, version)
+    decision = {"challenger": version, "champion_before": before, "champion_after": version, "promoted": True,
+                "reason": f"set by hand: champion v{before} -> v{version}",
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _record(name, version, decision)
+    return decision
