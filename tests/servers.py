@@ -63,3 +63,38 @@ def mlflow_server(root: Path):
     finally:
         stop(proc)
         log.close()
+
+
+@contextmanager
+def prefect_server(root: Path, env: dict):
+    """A Prefect server on 127.0.0.1; sets PREFECT_API_URL in `env` for the commands that follow."""
+    port = free_port()
+    env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="2",
+               PREFECT_UI_ENABLED="false")
+    log = open(root / "prefect-server.log", "w")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                             "--analytics-off"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **env})
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/api/health", proc)
+        yield env["PREFECT_API_URL"]
+    finally:
+        stop(proc)
+        log.close()
+
+
+@contextmanager
+def prefect_workers(root: Path, env: dict, pool: str, count: int):
+    """`count` process workers on `pool`, one flow run at a time each (one per GPU)."""
+    procs = []
+    try:
+        for i in range(count):
+            log = open(root / f"worker-{i}.log", "w")
+            procs.append(subprocess.Popen(
+                [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1", "--name", f"worker-{i}"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env}))
+        yield procs
+    finally:
+        for proc in procs:  # workers before the server
+            stop(proc)

@@ -58,7 +58,8 @@ def run_tags() -> dict:
     """Tags that tie a run to its code, data version and DVC experiment."""
     here = Path.cwd()
     return {"git_commit": _git_commit(here), "data_version": data_version(here / "data.dvc"),
-            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "dvc_root": str(project_root())}
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "dvc_root": str(project_root()),
+            "prefect_flow_run_id": os.environ.get("COVSEG_PREFECT_FLOW_RUN_ID", "")}
 
 
 def start_training_run(params: dict):

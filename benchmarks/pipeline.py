@@ -1,0 +1,92 @@
+"""Wall time and peak memory of each pipeline stage, and the validation scores, on a data folder.
+
+    python benchmarks/pipeline.py --data ../shared/data/medseg [-S train.epochs=130 ...]
+
+Runs in a throw-away clone of this repository (so data.dvc here is untouched), imports the data,
+then `dvc repro --single-item` stage by stage under /usr/bin/time. Writes JSON and Markdown under
+benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("validate", "preprocess", "train", "evaluate", "submit")
+
+
+def sh(cmd: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=cwd, shell=True, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a Kaggle-layout folder")
+    parser.add_argument("-S", "--set", action="append", default=[], help="params override key=value")
+    parser.add_argument("--name", default="pipeline_cpu")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="covseg-bench-")) / "repo"
+    try:
+        sh(f"git clone -q {ROOT} {work}", ROOT)
+        params = yaml.safe_load((work / "params.yaml").read_text())
+        for item in args.set:
+            key, value = item.split("=", 1)
+            section, name = key.split(".", 1)
+            params[section][name] = yaml.safe_load(value)
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        t = time.time()
+        sh(f"covseg data import {Path(args.data).resolve()}", work)
+        rows = [{"stage": "data import", "seconds": round(time.time() - t, 1), "peak_rss_mb": None}]
+        for stage in STAGES:
+            proc = sh(f"/usr/bin/time -f 'BENCH %e %M' dvc repro --single-item {stage}", work)
+            wall, rss = re.findall(r"BENCH ([\d.]+) (\d+)", proc.stderr)[-1]
+            rows.append({"stage": stage, "seconds": float(wall), "peak_rss_mb": round(int(rss) / 1024)})
+            print(rows[-1], flush=True)
+        metrics = json.loads((work / "reports" / "metrics.json").read_text())
+    finally:
+        shutil.rmtree(work.parent, ignore_errors=True)
+
+    result = {"machine": machine(), "data": str(args.data), "overrides": args.set,
+              "date": time.strftime("%Y-%m-%d"), "stages": rows,
+              "total_seconds": round(sum(r["seconds"] for r in rows), 1),
+              "metrics": {k: metrics[k] for k in ("kaggle_f1", "f1_ggo", "f1_consolidation", "pooled_f1",
+                                                   "trivial_kaggle_f1", "best_epoch", "val_slices")}}
+    out = ROOT / "benchmarks" / "results" / f"{args.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    lines = [f"# {args.name}: {result['machine']}, {result['date']}", "",
+             f"`python benchmarks/pipeline.py --data {args.data} {' '.join('-S ' + s for s in args.set)}`", "",
+             "| stage | wall time (s) | peak RSS (MB) |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['seconds']} | {r['peak_rss_mb'] or ''} |" for r in rows]
+    lines += [f"| **total** | {result['total_seconds']} | |", "",
+              "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result["metrics"].items()]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
