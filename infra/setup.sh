@@ -7,7 +7,11 @@ export DVC_NO_ANALYTICS=1 DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true PREFEC
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+if [ ! -x .venv/bin/python ]; then
+    # a machine whose Python already has torch (a GPU image with its CUDA build) keeps using it
+    if "$PYTHON" -c "import torch" 2>/dev/null; then "$PYTHON" -m venv --system-site-packages .venv
+    else "$PYTHON" -m venv .venv; fi
+fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 
@@ -31,6 +35,7 @@ if [ ! -f data/raw/images_medseg.npy ]; then
     else
         echo "setup: no data/raw in the DVC remote; writing the embedded synthetic default"
         covseg data synth
+        git diff --quiet -- data.dvc 2>/dev/null || echo "setup: note: the regenerated data differ from data.dvc's version"
     fi
 fi
 echo "setup: done. Next: . .venv/bin/activate && dvc repro"

@@ -11,19 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-from covseg.config import load_params
+from covseg.config import load_params, write_json
 from covseg.data import DataError
 
 DEFAULTS = {"raw": "data/raw", "processed": "data/processed", "model": "models/model.pt",
             "history": "reports/train_history.csv", "validation": "reports/validation.json",
             "metrics": "reports/metrics.json", "evaluation": "reports/evaluation", "submission": "submission"}
-
-
-def _write_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------- data
@@ -58,15 +51,15 @@ def cmd_data_synth(args, params) -> None:
 
 def cmd_validate(args, params) -> None:
     from covseg.data import load_raw
-    from covseg.validation import ContractError, summary, validate_raw, write_report
+    from covseg.validation import ContractError, summary, validate_raw
 
     try:
         report = validate_raw(load_raw(args.raw), params)
     except ContractError as exc:
-        write_report(exc.report, args.report)
+        write_json(exc.report, args.report)
         print(f"validation report: {args.report}", file=sys.stderr)
         raise
-    write_report(report, args.report)
+    write_json(report, args.report)
     print(summary(report))
 
 
@@ -185,7 +178,7 @@ def cmd_evaluate(args, params) -> None:
             version = registry.register(ckpt["mlflow_model_uri"], run_id, params["registry"]["model_name"],
                                         {**tags, "data_version": data_version(Path("data.dvc"))})
         metrics.update(mlflow_run_id=run_id, model_version=version)
-    _write_json(metrics, Path(args.metrics))
+    write_json(metrics, args.metrics)
     print(f"validation kaggle_f1 {metrics['kaggle_f1']:.4f} (ground glass {metrics['f1_ggo']:.4f}, "
           f"consolidation {metrics['f1_consolidation']:.4f}; pooled {metrics['pooled_f1']:.4f}; "
           f"constant predictor {metrics['trivial_kaggle_f1']:.4f}) -> {args.metrics}, {out}/"
@@ -248,7 +241,7 @@ def cmd_promote(args, params) -> None:
         decision = registry.promote(name, score, reg["promotion_margin"], reg["promotion_metric"], args.version)
     print(f"{name}: {decision['reason']} (champion: v{decision['champion_after']})")
     if args.output:
-        _write_json(decision, Path(args.output))
+        write_json(decision, args.output)
 
 
 # ----------------------------------------------------------------------------------- parser

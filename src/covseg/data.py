@@ -117,8 +117,7 @@ def copy_raw(source: str | Path, directory: str | Path) -> Path:
 def record_with_dvc(dvc_file: str | Path = "data.dvc") -> str:
     """Record the current content of the folder tracked by `dvc_file`; returns the new md5."""
     dvc_file = Path(dvc_file)
-    subprocess.run(["dvc", "commit", "--force", "--quiet", str(dvc_file)], check=True,
-                   cwd=dvc_file.parent if str(dvc_file.parent) else ".")
+    subprocess.run(["dvc", "commit", "--force", "--quiet", dvc_file.name], check=True, cwd=dvc_file.parent)
     return data_version(dvc_file)
 
 

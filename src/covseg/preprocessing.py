@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -78,9 +79,7 @@ def preprocess(raw: RawData, out_dir: str | Path, params: dict) -> dict:
         (tmp / "split.json").write_text(json.dumps(summary, indent=1) + "\n")
         replace_dir(tmp, out_dir)
     finally:
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 

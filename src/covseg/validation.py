@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from covseg.config import jsonable
 from covseg.data import IMAGES, MASKS, TEST_IMAGES, DataError, RawData
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -172,17 +173,7 @@ def run_suite(name: str, table: pd.DataFrame, expectations: list, index_columns:
             check["error"] = r.exception_info.get("exception_message")
         checks.append(check)
     return json.loads(json.dumps({"suite": name, "success": bool(result.success), "rows": len(table),
-                                  "checks": checks}, default=_jsonable))
-
-
-def _jsonable(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return str(value)
+                                  "checks": checks}, default=jsonable))
 
 
 def summary(report: dict) -> str:
@@ -288,13 +279,3 @@ def validate_submission(table: pd.DataFrame, expected_rows: int, path: str | Pat
     if not report["success"]:
         raise ContractError(report)
     return report
-
-
-def write_report(reports: list[dict] | dict, path: str | Path) -> Path:
-    """Write a JSON report atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(reports, indent=1, default=_jsonable) + "\n")
-    tmp.replace(path)
-    return path
