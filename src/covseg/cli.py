@@ -247,6 +247,12 @@ def cmd_promote(args, params) -> None:
 # ----------------------------------------------------------------------------------- parser
 
 
+def _data_and_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=DEFAULTS["processed"])
+    p.add_argument("--model", default=DEFAULTS["model"],
+                   help="checkpoint, or an MLflow model URI such as models:/covseg-unet@champion")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covseg", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -284,9 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="stage: validation metrics, per-slice table, plots")
-    p.add_argument("--data", default=DEFAULTS["processed"])
-    p.add_argument("--model", default=DEFAULTS["model"],
-                   help="checkpoint, or an MLflow model URI such as models:/covseg-unet@champion")
+    _data_and_model(p)
     p.add_argument("--history", default=DEFAULTS["history"])
     p.add_argument("--metrics", default=DEFAULTS["metrics"])
     p.add_argument("--validation", default=DEFAULTS["validation"], help="the validation report, logged with the run")
@@ -294,9 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("submit", help="stage: predict the test images, write the competition CSV and masks")
-    p.add_argument("--data", default=DEFAULTS["processed"])
-    p.add_argument("--model", default=DEFAULTS["model"],
-                   help="checkpoint, or an MLflow model URI such as models:/covseg-unet@champion")
+    _data_and_model(p)
     p.add_argument("--out", default=DEFAULTS["submission"])
     p.set_defaults(func=cmd_submit)
 

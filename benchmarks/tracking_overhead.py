@@ -1,0 +1,72 @@
+"""What MLflow tracking adds to one training run, measured piece by piece against an embedded store.
+
+    python benchmarks/tracking_overhead.py [--epochs 40] [--size 512]
+
+Times what the train and evaluate stages do for tracking (import, run start with all params, one
+log_metrics per epoch, log_model of the full-size model, the evaluation artifacts, registration),
+with a default-size U-Net, in a throw-away folder. Writes benchmarks/results/tracking_overhead.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--size", type=int, default=512)
+    args = parser.parse_args()
+    from covseg.config import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        os.mkdir(".dvc")
+        t = time.perf_counter()
+        import mlflow
+
+        from covseg import registry, tracking
+        times["import mlflow"] = time.perf_counter() - t
+
+        from covseg.model import Segmenter, build_model
+        model = Segmenter(build_model(params), params["train"]["scale"])
+        t = time.perf_counter()
+        run = tracking.start_training_run(params)
+        times["start run + log all params"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for epoch in range(1, args.epochs + 1):
+            tracking.log_epoch({"epoch": epoch, "train_loss": 1.0, "val_loss": 1.0, "lr": 1e-3,
+                                **{f"val_f1_{c}": 0.5 for c in ("ggo", "consolidation", "lungs_other", "background")},
+                                "val_kaggle_f1": 0.5, "seconds": 1.0})
+        times[f"log_metrics x {args.epochs} epochs"] = time.perf_counter() - t
+        t = time.perf_counter()
+        uri = tracking.log_model(model, (args.size, args.size))
+        times["log_model (full-size example, signature)"] = time.perf_counter() - t
+        mlflow.end_run()
+        figures = Path(tmp) / "evaluation"
+        figures.mkdir()
+        for i in range(8):
+            (figures / f"figure{i}.png").write_bytes(os.urandom(250_000))
+        t = time.perf_counter()
+        with tracking.resume(run.info.run_id, params["tracking"]["experiment"]):
+            mlflow.log_metrics({"kaggle_f1": 0.5, "f1_ggo": 0.5})
+            mlflow.log_artifacts(str(figures), "evaluation")
+            registry.register(uri, run.info.run_id, params["registry"]["model_name"], {"kaggle_f1": 0.5})
+        times["evaluate: metrics, 8 figures, register version"] = time.perf_counter() - t
+    result = {"seconds": {k: round(v, 2) for k, v in times.items()},
+              "total_seconds": round(sum(times.values()), 1), "epochs": args.epochs, "size": args.size}
+    out = ROOT / "benchmarks" / "results" / "tracking_overhead.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
