@@ -22,8 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.runtime import flow_run
+# before Prefect reads its settings: telemetry off, and time for a local (ephemeral) server's first start
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
 
 FLOW_RUN_ENV = "COVSEG_PREFECT_FLOW_RUN_ID"  # becomes an MLflow tag, so a sweep finds its runs
 

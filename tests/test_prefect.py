@@ -87,3 +87,19 @@ def test_train_deployment_runs_on_gpu_pool_workers(tmp_path):
             assert len(client.search_model_versions("name='covseg-unet'")) == 3
             assert "promoted" in proc.stdout and "kaggle_f1" in proc.stdout
             print(f"one run {one_run:.0f}s; sweep of 2 over 2 workers {sweep_time:.0f}s")
+
+
+@pytest.mark.slow
+def test_cross_validate_runs_locally_without_a_server(tmp_path):
+    project = make_project(tmp_path / "project", {**TINY, "train": {"epochs": 1, "scale": 1.0}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "COVSEG_DEPLOYMENT"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.run([sys.executable, "flows/pipeline.py", "cross_validate", "3"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{\n"):])
+    assert summary["folds"] == 3 and len(summary["runs"]) == 3
+    assert sorted(r["params"]["split.fold"] for r in summary["runs"]) == [0, 1, 2]
+    assert summary["kaggle_f1_min"] <= summary["kaggle_f1_mean"] <= summary["kaggle_f1_max"]
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert len(client.search_model_versions("name='covseg-unet'")) == 3

@@ -9,7 +9,6 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from monai.transforms import Compose, RandAffined, RandFlipd, RandGaussianNoised
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
