@@ -10,10 +10,6 @@ import numpy as np
 
 from covseg.data import RawData, one_hot_to_index, replace_dir
 
-PROCESSED_FILES = ("train_images.npy", "train_labels.npy", "val_images.npy", "val_labels.npy",
-                   "test_images.npy", "split.json")
-
-
 def window(hu: np.ndarray, hu_min: float = -1000.0, hu_max: float = 400.0) -> np.ndarray:
     """Clip Hounsfield units to [hu_min, hu_max] and scale linearly to [0, 1] (float32)."""
     if hu_max <= hu_min:

@@ -49,7 +49,7 @@ def _image_facts(image: np.ndarray) -> dict:
     }
 
 
-def _mask_facts(mask: np.ndarray, image: np.ndarray | None) -> dict:
+def _mask_facts(mask: np.ndarray, image: np.ndarray | None, body_hu: float) -> dict:
     binary = np.isin(mask, (0, 1))
     counts = mask.astype(np.int64).sum(-1)
     labels = np.argmax(mask, -1)
@@ -63,14 +63,14 @@ def _mask_facts(mask: np.ndarray, image: np.ndarray | None) -> dict:
     if image is not None and image.shape[:2] == mask.shape[:2]:
         hu = np.nan_to_num(image.astype(np.float64), nan=-1000.0)
         lesion = labels <= 1
-        body = ndimage.binary_fill_holes(hu > -500)  # air connected to the border is outside the body
+        body = ndimage.binary_fill_holes(hu > body_hu)  # air connected to the border is outside the body
         facts["lesion_outside_body"] = float((lesion & ~body).sum() / max(lesion.sum(), 1))
         lung = (labels == 2) & body
         facts["lung_hu_mean"] = float(hu[lung].mean()) if lung.any() else -1000.0
     return facts
 
 
-def raw_facts(raw: RawData) -> pd.DataFrame:
+def raw_facts(raw: RawData, body_hu: float) -> pd.DataFrame:
     """One row per slice of the three raw files, with image and (for labelled slices) mask facts."""
     rows = []
     n_img, n_mask = len(raw.images), len(raw.masks)
@@ -82,7 +82,7 @@ def raw_facts(raw: RawData) -> pd.DataFrame:
         if image is not None:
             row.update(_image_facts(image))
         if i < n_mask:
-            row.update(_mask_facts(np.asarray(raw.masks[i]), image))
+            row.update(_mask_facts(np.asarray(raw.masks[i]), image, body_hu))
         rows.append(row)
     for i in range(len(raw.test_images)):
         rows.append({"file": TEST_IMAGES, "index": i, "role": "test", "slice_id": raw.test_ids[i],
@@ -207,7 +207,7 @@ def summary(report: dict) -> str:
 
 def validate_raw(raw: RawData, params: dict) -> dict:
     """The raw-data contract; raises ContractError on failure, returns the report."""
-    facts = raw_facts(raw)
+    facts = raw_facts(raw, params["validate"]["body_hu"])
     report = run_suite("raw_data", facts, raw_expectations(facts, raw, params["validate"]), ["file", "index"])
     report["source"] = str(raw.directory)
     report["facts"] = facts.drop(columns=["hash"]).to_dict(orient="records")
