@@ -1,0 +1,53 @@
+"""Names shared across covseg: classes, metrics, default paths, MLflow tags, environment variables.
+
+One home for each: every module, the flows, the tests and the benchmarks import them from here
+(dvc.yaml, which cannot import, is checked against `PATHS` by a test).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+# Classes, in the order of the Kaggle masks' channels; `SHORT` names columns and metrics.
+CLASSES = ("ground_glass", "consolidation", "lungs_other", "background")
+SHORT = ("ggo", "consolidation", "lungs_other", "background")
+NUM_CLASSES = len(CLASSES)
+SCORED = (0, 1)  # the classes the competition scores: ground glass, consolidation
+
+# Metrics: the headline ones, logged as tags on registered versions and shown first.
+KAGGLE_F1 = "kaggle_f1"  # mean F1 of the scored classes: the competition's score
+HEADLINE_METRICS = (KAGGLE_F1, "f1_ggo", "f1_consolidation", "pooled_f1")
+
+# The pipeline's stages in dvc.yaml, in order (a test checks dvc.yaml against it).
+STAGES = ("validate", "preprocess", "train", "evaluate", "submit")
+
+# Default paths, relative to the project root; dvc.yaml passes the same ones.
+PATHS = SimpleNamespace(
+    params="params.yaml", dvc_file="data.dvc", raw="data/raw", processed="data/processed",
+    model="models/model.pt", history="reports/train_history.csv", validation="reports/validation.json",
+    metrics="reports/metrics.json", evaluation="reports/evaluation", submission="submission",
+    mlflow_db="mlflow.db", mlflow_artifacts="mlartifacts",
+)
+
+# Raw files (the Kaggle layout) and processed files.
+RAW_IMAGES, RAW_MASKS, RAW_TEST_IMAGES, SLICE_IDS = (
+    "images_medseg.npy", "masks_medseg.npy", "test_images_medseg.npy", "slice_ids.json")
+PARTS = ("train", "val", "test")
+SPLIT_FILE = "split.json"
+
+
+def processed_file(part: str, kind: str) -> str:
+    """'train', 'images' -> 'train_images.npy'."""
+    return f"{part}_{kind}.npy"
+
+
+# MLflow tags and registry aliases.
+TAG_GIT_COMMIT, TAG_DATA_VERSION, TAG_DVC_EXP, TAG_DVC_ROOT = "git_commit", "data_version", "dvc_exp_name", "dvc_root"
+TAG_FLOW_RUN, TAG_BEST_EPOCH, TAG_PROMOTION = "prefect_flow_run_id", "best_epoch", "promotion"
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+# Environment variables covseg reads.
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+ENV_FLOW_RUN = "COVSEG_PREFECT_FLOW_RUN_ID"  # set by the flows, becomes TAG_FLOW_RUN
+ENV_REPO = "COVSEG_REPO"                    # the checkout the Prefect workers run in
+ENV_DEPLOYMENT = "COVSEG_DEPLOYMENT"        # the deployment sweep / cross_validate fan out to
+ENV_REAL_DATA = "COVSEG_REAL_DATA"          # tests: a Kaggle-layout folder of real slices
