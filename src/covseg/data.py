@@ -9,25 +9,17 @@ A raw folder holds
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 from scipy import ndimage
 
-IMAGES = "images_medseg.npy"
-MASKS = "masks_medseg.npy"
-TEST_IMAGES = "test_images_medseg.npy"
-SLICE_IDS = "slice_ids.json"
-CLASSES = ("ground_glass", "consolidation", "lungs_other", "background")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and the problem."""
+from covseg import shell
+from covseg.atomic import atomic_output
+from covseg.errors import DataError
+from covseg.names import NUM_CLASSES, PATHS, RAW_IMAGES, RAW_MASKS, RAW_TEST_IMAGES, SLICE_IDS
 
 
 @dataclass
@@ -59,9 +51,9 @@ def _load_array(path: Path, channels: int) -> np.ndarray:
 def load_raw(directory: str | Path) -> RawData:
     """Load a Kaggle-layout folder, memory-mapped. Checks structure only; content is `validation`'s job."""
     directory = Path(directory)
-    images = _load_array(directory / IMAGES, 1)
-    masks = _load_array(directory / MASKS, 4)
-    test_images = _load_array(directory / TEST_IMAGES, 1)
+    images = _load_array(directory / RAW_IMAGES, 1)
+    masks = _load_array(directory / RAW_MASKS, NUM_CLASSES)
+    test_images = _load_array(directory / RAW_TEST_IMAGES, 1)
     train_ids, test_ids = list(range(len(images))), list(range(len(test_images)))
     ids_path = directory / SLICE_IDS
     if ids_path.is_file():
@@ -80,32 +72,16 @@ def load_raw(directory: str | Path) -> RawData:
 
 def write_raw(directory: str | Path, images, masks, test_images, train_ids=None, test_ids=None) -> Path:
     """Write a Kaggle-layout folder atomically: the old folder stays until the new one is complete."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        np.save(tmp / IMAGES, np.asarray(images))
-        np.save(tmp / MASKS, np.asarray(masks))
-        np.save(tmp / TEST_IMAGES, np.asarray(test_images))
+    with atomic_output(directory, directory=True) as tmp:
+        np.save(tmp / RAW_IMAGES, np.asarray(images))
+        np.save(tmp / RAW_MASKS, np.asarray(masks))
+        np.save(tmp / RAW_TEST_IMAGES, np.asarray(test_images))
         ids = {
             "train": list(train_ids) if train_ids is not None else list(range(len(images))),
             "test": list(test_ids) if test_ids is not None else list(range(len(test_images))),
         }
         (tmp / SLICE_IDS).write_text(json.dumps(ids) + "\n")
-        replace_dir(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Swap a finished folder into place; the previous one is removed only after the swap."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+    return Path(directory)
 
 
 def copy_raw(source: str | Path, directory: str | Path) -> Path:
@@ -114,17 +90,15 @@ def copy_raw(source: str | Path, directory: str | Path) -> Path:
     return write_raw(directory, raw.images, raw.masks, raw.test_images, raw.train_ids, raw.test_ids)
 
 
-def record_with_dvc(dvc_file: str | Path = "data.dvc") -> str:
+def record_with_dvc(dvc_file: str | Path = PATHS.dvc_file) -> str:
     """Record the current content of the folder tracked by `dvc_file`; returns the new md5."""
     dvc_file = Path(dvc_file)
-    subprocess.run(["dvc", "commit", "--force", "--quiet", dvc_file.name], check=True, cwd=dvc_file.parent)
+    shell.run(["dvc", "commit", "--force", "--quiet", dvc_file.name], cwd=dvc_file.parent)
     return data_version(dvc_file)
 
 
-def data_version(dvc_file: str | Path = "data.dvc") -> str:
+def data_version(dvc_file: str | Path = PATHS.dvc_file) -> str:
     """The md5 that `dvc_file` records for the data, or '' if there is none."""
-    import yaml
-
     try:
         outs = yaml.safe_load(Path(dvc_file).read_text()).get("outs", [])
     except (OSError, AttributeError):
@@ -199,7 +173,7 @@ def synthesize(n_labelled: int = 40, n_test: int = 10, size: int = 512, seed: in
         slices = [synth_slice(np.random.default_rng([seed, offset + i]), size, lesions=(i % 8 != 7))
                   for i in range(n)]
         images = np.stack([s[0] for s in slices])[..., None]
-        onehot = np.eye(4, dtype=np.uint8)[np.stack([s[1] for s in slices])]
+        onehot = np.eye(NUM_CLASSES, dtype=np.uint8)[np.stack([s[1] for s in slices])]
         return images, onehot
 
     images, masks = make(0, n_labelled)
@@ -212,6 +186,6 @@ def one_hot_to_index(masks: np.ndarray) -> np.ndarray:
     return np.argmax(masks, axis=-1).astype(np.uint8)
 
 
-def index_to_one_hot(labels: np.ndarray, classes: int = 4) -> np.ndarray:
+def index_to_one_hot(labels: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
     """(N, H, W) class index -> (N, H, W, C) uint8 one-hot."""
     return np.eye(classes, dtype=np.uint8)[labels]

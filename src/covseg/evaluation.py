@@ -4,12 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from covseg.data import CLASSES
-
-SHORT = ("ggo", "consolidation", "lungs_other", "background")
+from covseg.names import KAGGLE_F1, NUM_CLASSES, SCORED, SHORT
 
 
-def confusion_matrix(labels: np.ndarray, preds: np.ndarray, classes: int = 4) -> np.ndarray:
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
     """(classes, classes) int64 counts, rows = label, columns = prediction."""
     labels, preds = np.asarray(labels).ravel(), np.asarray(preds).ravel()
     if labels.shape != preds.shape:
@@ -36,7 +34,7 @@ def class_scores(cm: np.ndarray) -> pd.DataFrame:
     }, index=list(SHORT[:len(cm)]))
 
 
-def pooled_f1(cm: np.ndarray, scored=(0, 1)) -> float:
+def pooled_f1(cm: np.ndarray, scored=SCORED) -> float:
     """F1 over the scored classes' one-hot channels together, as the Kaggle CSV rows are scored."""
     tp = sum(cm[c, c] for c in scored)
     fp = sum(cm[:, c].sum() - cm[c, c] for c in scored)
@@ -48,7 +46,7 @@ def summary_metrics(cm: np.ndarray) -> dict:
     """Flat metrics dict: <metric>_<class> for every class, kaggle_f1 and pooled_f1."""
     scores = class_scores(cm)
     out = {f"{m}_{c}": float(scores.loc[c, m]) for c in scores.index for m in ("precision", "recall", "f1", "iou")}
-    out["kaggle_f1"] = float((scores.loc["ggo", "f1"] + scores.loc["consolidation", "f1"]) / 2)
+    out[KAGGLE_F1] = float(np.mean([scores.loc[SHORT[c], "f1"] for c in SCORED]))
     out["pooled_f1"] = pooled_f1(cm)
     return out
 
@@ -63,12 +61,21 @@ def per_slice_table(labels: np.ndarray, preds: np.ndarray, slice_ids) -> pd.Data
             row[f"pixels_{name}"] = int((y == c).sum())
             row[f"pred_pixels_{name}"] = int((p == c).sum())
             row[f"f1_{name}"] = m[f"f1_{name}"]
-        row["kaggle_f1"] = m["kaggle_f1"]
+        row[KAGGLE_F1] = m[KAGGLE_F1]
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def trivial_kaggle_f1(labels: np.ndarray) -> float:
     """Best kaggle_f1 of a constant predictor (every pixel one class) on these labels: a floor to beat."""
-    return max(summary_metrics(confusion_matrix(labels, np.full_like(labels, c)))["kaggle_f1"]
-               for c in range(len(CLASSES)))
+    return max(summary_metrics(confusion_matrix(labels, np.full_like(labels, c)))[KAGGLE_F1]
+               for c in range(NUM_CLASSES))
+
+
+def score_model(model, images: np.ndarray, labels: np.ndarray, batch_size: int,
+                device) -> tuple[np.ndarray, np.ndarray]:
+    """Predict `images` with `model`; (predicted class indices, confusion matrix against `labels`)."""
+    from covseg.model import predict_labels
+
+    preds = predict_labels(model, images, batch_size, device)
+    return preds, confusion_matrix(labels, preds)

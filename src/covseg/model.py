@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NUM_CLASSES = 4
+from covseg.atomic import atomic_output
+from covseg.names import NUM_CLASSES
+from covseg.params import ModelParams
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -21,8 +23,6 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES, base_channels: int = 16,
                  depth: int = 4, norm: str = "batch"):
         super().__init__()
-        if norm not in ("batch", "instance", "none"):
-            raise ValueError(f"model.norm must be batch, instance or none, got {norm!r}")
         self.config = dict(in_channels=in_channels, num_classes=num_classes,
                            base_channels=base_channels, depth=depth, norm=norm)
         widths = [base_channels * 2 ** i for i in range(depth + 1)]
@@ -48,9 +48,8 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-def build_model(params: dict) -> UNet:
-    m = params["model"]
-    return UNet(base_channels=m["base_channels"], depth=m["depth"], norm=m["norm"])
+def build_model(m: ModelParams) -> UNet:
+    return UNet(base_channels=m.base_channels, depth=m.depth, norm=m.norm)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -83,19 +82,28 @@ class Segmenter(nn.Module):
 
 
 def save_checkpoint(model: Segmenter, path: str | Path, **extra) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"config": model.unet.config, "scale": model.scale, "state_dict": model.unet.state_dict(), **extra},
-               tmp)
-    tmp.replace(path)
+    """Weights, network config and `extra` facts (epoch, score, MLflow ids), written atomically."""
+    with atomic_output(path) as tmp:
+        torch.save({"config": model.unet.config, "scale": model.scale, "state_dict": model.unet.state_dict(),
+                    **extra}, tmp)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
+    """A checkpoint written by save_checkpoint; weights only, nothing is unpickled."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
     unet = UNet(**ckpt["config"])
     unet.load_state_dict(ckpt["state_dict"])
     return Segmenter(unet, ckpt["scale"]).to(device).eval(), ckpt
+
+
+def load_model(spec: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """A checkpoint path, or an MLflow model URI (models:/covseg-unet@champion, runs:/...):
+    the model on `device` in eval mode and the checkpoint's facts ({} for a URI)."""
+    if ":/" in str(spec):
+        from covseg import tracking
+
+        return tracking.load_model(str(spec), device), {}
+    return load_checkpoint(spec, device)
 
 
 def resize(x: torch.Tensor, scale: float, mode: str) -> torch.Tensor:

@@ -7,11 +7,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from covseg.evaluation import SHORT  # noqa: E402
+from covseg.names import KAGGLE_F1, SHORT
 
 COLOURS = {0: (1.0, 0.0, 0.0), 1: (0.0, 1.0, 0.0), 2: (0.0, 0.3, 1.0)}
 
@@ -31,7 +31,7 @@ def loss_curves(history: pd.DataFrame, path: str | Path) -> Path:
     ax1.legend()
     for c in SHORT:
         ax2.plot(history["epoch"], history[f"val_f1_{c}"], label=c)
-    ax2.plot(history["epoch"], history["val_kaggle_f1"], "k--", label="kaggle_f1")
+    ax2.plot(history["epoch"], history[f"val_{KAGGLE_F1}"], "k--", label=KAGGLE_F1)
     ax2.set(xlabel="epoch", ylabel="F1", title="Validation F1", ylim=(0, 1))
     ax2.legend(fontsize=8)
     return _save(fig, Path(path))

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from covseg.data import RawData, one_hot_to_index, replace_dir
+from covseg.data import RawData, one_hot_to_index
+from covseg.errors import ParamsError
+from covseg.names import SPLIT_FILE, processed_file
+from covseg.params import Split, Window
+
 
 def window(hu: np.ndarray, hu_min: float = -1000.0, hu_max: float = 400.0) -> np.ndarray:
     """Clip Hounsfield units to [hu_min, hu_max] and scale linearly to [0, 1] (float32)."""
@@ -32,7 +34,8 @@ def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     the whole range of burden, and every fold sees consolidation once there are `folds` slices with it.
     """
     if folds < 2 or folds > len(labels):
-        raise ValueError(f"split.folds must be between 2 and the number of slices ({len(labels)}), got {folds}")
+        raise ParamsError(f"split.folds = {folds} is not allowed: must be between 2 and the number of labelled "
+                          f"slices ({len(labels)})")
     burden = lesion_burden(labels)
     order = np.lexsort((burden.sum(1), burden[:, 1] > 0))
     rng = np.random.default_rng(seed)
@@ -43,19 +46,17 @@ def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold_of
 
 
-def preprocess(raw: RawData, out_dir: str | Path, params: dict) -> dict:
-    """Write the processed arrays and split.json into `out_dir`, atomically; returns the split summary."""
-    win, split = params["window"], params["split"]
+def preprocess(raw: RawData, out_dir: str | Path, win: Window, split: Split, seed: int) -> dict:
+    """Write the processed arrays and split.json into the folder `out_dir` (which may be a staging
+    folder); returns the split summary."""
     labels = one_hot_to_index(raw.masks)
-    fold_of = assign_folds(labels, split["folds"], params["seed"])
-    if not 0 <= split["fold"] < split["folds"]:
-        raise ValueError(f"split.fold must be in [0, {split['folds']}), got {split['fold']}")
-    val = np.flatnonzero(fold_of == split["fold"])
-    train = np.flatnonzero(fold_of != split["fold"])
-    images = window(raw.images[..., 0], win["hu_min"], win["hu_max"])
+    fold_of = assign_folds(labels, split.folds, seed)
+    val = np.flatnonzero(fold_of == split.fold)
+    train = np.flatnonzero(fold_of != split.fold)
+    images = window(raw.images[..., 0], win.hu_min, win.hu_max)
     burden = lesion_burden(labels)
     summary = {
-        "folds": split["folds"], "fold": split["fold"],
+        "folds": split.folds, "fold": split.fold,
         "train_index": train.tolist(), "val_index": val.tolist(),
         "train_slice_ids": [raw.train_ids[i] for i in train],
         "val_slice_ids": [raw.train_ids[i] for i in val],
@@ -64,24 +65,23 @@ def preprocess(raw: RawData, out_dir: str | Path, params: dict) -> dict:
         "val_with_consolidation": int((burden[val, 1] > 0).sum()),
     }
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        np.save(tmp / "train_images.npy", images[train])
-        np.save(tmp / "train_labels.npy", labels[train])
-        np.save(tmp / "val_images.npy", images[val])
-        np.save(tmp / "val_labels.npy", labels[val])
-        np.save(tmp / "test_images.npy", window(raw.test_images[..., 0], win["hu_min"], win["hu_max"]))
-        (tmp / "split.json").write_text(json.dumps(summary, indent=1) + "\n")
-        replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / processed_file("train", "images"), images[train])
+    np.save(out_dir / processed_file("train", "labels"), labels[train])
+    np.save(out_dir / processed_file("val", "images"), images[val])
+    np.save(out_dir / processed_file("val", "labels"), labels[val])
+    np.save(out_dir / processed_file("test", "images"), window(raw.test_images[..., 0], win.hu_min, win.hu_max))
+    (out_dir / SPLIT_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
 def load_processed(directory: str | Path, part: str) -> tuple[np.ndarray, np.ndarray | None]:
     """(images, labels) of a split part: 'train', 'val' or 'test' (test has no labels)."""
     directory = Path(directory)
-    images = np.load(directory / f"{part}_images.npy")
-    labels_path = directory / f"{part}_labels.npy"
+    images = np.load(directory / processed_file(part, "images"))
+    labels_path = directory / processed_file(part, "labels")
     return images, (np.load(labels_path) if labels_path.exists() else None)
+
+
+def load_split(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / SPLIT_FILE).read_text())

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
 
-CHALLENGER, CHAMPION = "challenger", "champion"
+from covseg.errors import CovsegError
+from covseg.names import CHALLENGER, CHAMPION, TAG_DATA_VERSION, TAG_PROMOTION
+from covseg.params import Evaluate, Registry, Tracking
 
 
 def register(model_uri: str, run_id: str, name: str, tags: dict) -> int:
@@ -22,10 +25,10 @@ def register(model_uri: str, run_id: str, name: str, tags: dict) -> int:
     return int(version)
 
 
-def aliases(name: str) -> dict[str, int]:
+def aliases(name: str, uri: str | None = None) -> dict[str, int]:
     """alias -> version (search_model_versions does not return aliases; the registered model does)."""
     try:
-        return {alias: int(v) for alias, v in MlflowClient().get_registered_model(name).aliases.items()}
+        return {alias: int(v) for alias, v in MlflowClient(uri).get_registered_model(name).aliases.items()}
     except mlflow.exceptions.MlflowException:
         return {}
 
@@ -33,13 +36,21 @@ def aliases(name: str) -> dict[str, int]:
 def latest_version(name: str) -> int:
     versions = MlflowClient().search_model_versions(f"name='{name}'")
     if not versions:
-        raise LookupError(f"registered model {name!r} has no versions yet: train one first (dvc repro)")
+        raise CovsegError(f"registered model {name!r} has no versions yet: train one first (dvc repro)")
     return max(int(v.version) for v in versions)
+
+
+def champion_data_version(name: str, uri: str | None = None) -> str:
+    """The data version the champion was trained on ('' when there is no champion)."""
+    champion = aliases(name, uri).get(CHAMPION)
+    if champion is None:
+        return ""
+    return MlflowClient(uri).get_model_version(name, str(champion)).tags.get(TAG_DATA_VERSION, "")
 
 
 def _record(name: str, version: int, decision: dict) -> None:
     client = MlflowClient()
-    client.set_model_version_tag(name, version, "promotion", json.dumps(decision))
+    client.set_model_version_tag(name, version, TAG_PROMOTION, json.dumps(decision))
     client.update_model_version(name, version, description=decision["reason"])
 
 
@@ -81,3 +92,27 @@ def set_champion(name: str, version: int) -> dict:
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _record(name, version, decision)
     return decision
+
+
+def run_promotion(processed: str | Path, reg: Registry, ev: Evaluate, tracking: Tracking, device: str,
+                  version: int | None = None, force: bool = False) -> dict:
+    """`covseg promote`: the gate on the validation data in `processed`, or (`force` with `version`)
+    a promotion or roll-back by hand. Returns the decision."""
+    from covseg import tracking as tracking_store
+    from covseg.evaluation import score_model, summary_metrics
+    from covseg.model import load_model, pick_device
+    from covseg.preprocessing import load_processed
+
+    tracking_store.configure(tracking.experiment)
+    if force:
+        if version is None:
+            raise CovsegError("promote --force needs --version N: the version to make champion")
+        return set_champion(reg.model_name, version)
+    images, labels = load_processed(processed, "val")
+    dev = pick_device(device)
+
+    def score(uri: str) -> float:
+        model, _ = load_model(uri, dev)
+        return summary_metrics(score_model(model, images, labels, ev.batch_size, dev)[1])[reg.promotion_metric]
+
+    return promote(reg.model_name, score, reg.promotion_margin, reg.promotion_metric, version)

@@ -11,7 +11,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-SCORED = (0, 1)  # ground glass, consolidation
+from covseg.atomic import atomic_output
+from covseg.names import SCORED
+
 HEADER = "Id,Predicted\n"
 
 
@@ -32,15 +34,11 @@ def write_submission(table: pd.DataFrame, path: str | Path, shape: tuple[int, in
     expected = m * h * w * len(SCORED)
     if len(table) != expected:
         raise ValueError(f"{path}: submission has {len(table)} rows, expected {m}*{h}*{w}*{len(SCORED)} = {expected}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
         f.write(HEADER.encode())
         pacsv.write_csv(pa.Table.from_pandas(table, preserve_index=False), f,
                         pacsv.WriteOptions(include_header=False))
-    tmp.replace(path)
-    return path
+    return Path(path)
 
 
 def read_submission(path: str | Path, shape: tuple[int, int, int]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""MLflow tracking: where runs go, what ties a run to git, data and DVC, and logging the model.
+"""MLflow tracking: where runs go, what ties a run to git, data and DVC, logging and finding runs.
 
 The store is `MLFLOW_TRACKING_URI` when set (a team server), else an embedded SQLite file at the
 project root (`mlflow.db`, artifacts in `mlartifacts/`). The root is DVC's `DVC_ROOT` when a stage runs
@@ -7,66 +7,73 @@ under DVC, so runs made by `dvc exp run --temp` or `--queue` in a temporary copy
 from __future__ import annotations
 
 import os
-import subprocess
+import uuid
 from pathlib import Path
 
 import mlflow
 import numpy as np
+from mlflow import MlflowClient
 
-from covseg.config import flatten
+from covseg import shell
 from covseg.data import data_version
+from covseg.names import (
+    ENV_FLOW_RUN,
+    ENV_TRACKING_URI,
+    HEADLINE_METRICS,
+    PATHS,
+    TAG_DATA_VERSION,
+    TAG_DVC_EXP,
+    TAG_DVC_ROOT,
+    TAG_FLOW_RUN,
+    TAG_GIT_COMMIT,
+)
+from covseg.params import Params
 
-ARTIFACTS = "mlartifacts"
 
-
-def project_root() -> Path:
-    """DVC_ROOT under DVC, else the nearest folder upwards that holds .dvc/, else the current folder."""
-    if os.environ.get("DVC_ROOT"):
+def project_root(start: str | Path | None = None) -> Path:
+    """DVC_ROOT under DVC, else the nearest folder upwards from `start` (default: the current folder)
+    that holds .dvc/, else `start` itself."""
+    if start is None and os.environ.get("DVC_ROOT"):
         return Path(os.environ["DVC_ROOT"]).resolve()
-    here = Path.cwd().resolve()
+    here = Path(start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / ".dvc").is_dir():
             return folder
     return here
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+def tracking_uri(root: str | Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI when set, else the embedded store of the project at `root`."""
+    return os.environ.get(ENV_TRACKING_URI) or f"sqlite:///{project_root(root) / PATHS.mlflow_db}"
 
 
-def configure(experiment: str) -> str:
+def configure(experiment: str, uri: str | None = None) -> str:
     """Point MLflow at the store and the experiment (created with artifacts beside an embedded store)."""
-    uri = tracking_uri()
+    uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         # an embedded SQLite store keeps artifacts beside it; a server decides for itself
-        location = (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS).as_uri() if uri.startswith("sqlite:") else None
+        location = ((Path(uri.removeprefix("sqlite:///")).parent / PATHS.mlflow_artifacts).as_uri()
+                    if uri.startswith("sqlite:") else None)
         mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment)
     return uri
 
 
-def _git_commit(cwd: Path) -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
 def run_tags() -> dict:
     """Tags that tie a run to its code, data version and DVC experiment."""
     here = Path.cwd()
-    return {"git_commit": _git_commit(here), "data_version": data_version(here / "data.dvc"),
-            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "dvc_root": str(project_root()),
-            "prefect_flow_run_id": os.environ.get("COVSEG_PREFECT_FLOW_RUN_ID", "")}
+    commit = shell.run(["git", "rev-parse", "HEAD"], here, check=False).stdout.strip()
+    return {TAG_GIT_COMMIT: commit, TAG_DATA_VERSION: data_version(here / PATHS.dvc_file),
+            TAG_DVC_EXP: os.environ.get("DVC_EXP_NAME", ""), TAG_DVC_ROOT: str(project_root()),
+            TAG_FLOW_RUN: os.environ.get(ENV_FLOW_RUN, "")}
 
 
-def start_training_run(params: dict):
+def start_training_run(params: Params):
     """Start the training stage's run with all params (flattened) and the tags above."""
-    configure(params["tracking"]["experiment"])
+    configure(params.tracking.experiment)
     run = mlflow.start_run(run_name=os.environ.get("DVC_EXP_NAME") or None, tags=run_tags())
-    mlflow.log_params(flatten(params))
+    mlflow.log_params(params.flat())
     return run
 
 
@@ -105,3 +112,17 @@ def load_model(uri: str, device="cpu"):
     """Load a logged or registered model (`models:/covseg-unet@champion`, `runs:/...`)."""
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow.pytorch.load_model(uri, map_location=device).to(device).eval()
+
+
+def find_flow_run_result(uri: str, experiment: str, flow_run_id: str) -> dict:
+    """The headline metrics and model version of the MLflow run made under a Prefect flow run."""
+    flow_run_id = str(uuid.UUID(str(flow_run_id)))  # an id, never text spliced into the filter
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.{TAG_FLOW_RUN} = '{flow_run_id}'") if exp else []
+    if not runs:
+        return {"flow_run_id": flow_run_id, **{k: None for k in HEADLINE_METRICS}}
+    versions = client.search_model_versions(f"run_id='{runs[0].info.run_id}'")
+    return {"flow_run_id": flow_run_id, "mlflow_run_id": runs[0].info.run_id,
+            "model_version": int(versions[0].version) if versions else None,
+            **{k: runs[0].data.metrics.get(k) for k in HEADLINE_METRICS}}

@@ -7,19 +7,19 @@ failing expectation, the file, the slice indices and the observed values.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from covseg.config import jsonable
-from covseg.data import IMAGES, MASKS, TEST_IMAGES, DataError, RawData
-
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+from covseg.atomic import to_jsonable
+from covseg.data import RawData
+from covseg.errors import DataError
+from covseg.names import NUM_CLASSES, PARTS, RAW_IMAGES, RAW_MASKS, RAW_TEST_IMAGES, SHORT, processed_file
+from covseg.params import Validate
+from covseg.preprocessing import load_split
 
 
 class ContractError(DataError):
@@ -57,7 +57,7 @@ def _mask_facts(mask: np.ndarray, image: np.ndarray | None, body_hu: float) -> d
         "mask_height": mask.shape[0], "mask_width": mask.shape[1],
         "mask_values_ok": bool(binary.all()), "onehot_bad_pixels": int((counts != 1).sum()),
         **{f"frac_{name}": float((labels == c).mean())
-           for c, name in enumerate(("ggo", "consolidation", "lungs_other", "background"))},
+           for c, name in enumerate(SHORT)},
     }
     facts["frac_lesion"] = facts["frac_ggo"] + facts["frac_consolidation"]
     if image is not None and image.shape[:2] == mask.shape[:2]:
@@ -75,7 +75,7 @@ def raw_facts(raw: RawData, body_hu: float) -> pd.DataFrame:
     rows = []
     n_img, n_mask = len(raw.images), len(raw.masks)
     for i in range(max(n_img, n_mask)):
-        row = {"file": IMAGES if i < n_img else MASKS, "index": i, "role": "labelled",
+        row = {"file": RAW_IMAGES if i < n_img else RAW_MASKS, "index": i, "role": "labelled",
                "slice_id": raw.train_ids[i] if i < len(raw.train_ids) else i,
                "has_image": i < n_img, "has_mask": i < n_mask}
         image = np.asarray(raw.images[i, ..., 0]) if i < n_img else None
@@ -85,7 +85,7 @@ def raw_facts(raw: RawData, body_hu: float) -> pd.DataFrame:
             row.update(_mask_facts(np.asarray(raw.masks[i]), image, body_hu))
         rows.append(row)
     for i in range(len(raw.test_images)):
-        rows.append({"file": TEST_IMAGES, "index": i, "role": "test", "slice_id": raw.test_ids[i],
+        rows.append({"file": RAW_TEST_IMAGES, "index": i, "role": "test", "slice_id": raw.test_ids[i],
                      "has_image": True, "has_mask": True,
                      **_image_facts(np.asarray(raw.test_images[i, ..., 0]))})
     return pd.DataFrame(rows)
@@ -95,7 +95,7 @@ def raw_facts(raw: RawData, body_hu: float) -> pd.DataFrame:
 # Suites
 
 
-def raw_expectations(facts: pd.DataFrame, raw: RawData, v: dict) -> list:
+def raw_expectations(facts: pd.DataFrame, raw: RawData, v: Validate) -> list:
     import great_expectations.expectations as gxe
     from great_expectations.expectations.row_conditions import Column
 
@@ -116,26 +116,27 @@ def raw_expectations(facts: pd.DataFrame, raw: RawData, v: dict) -> list:
                                         meta={"check": "masks have the images' geometry"}),
         gxe.ExpectColumnValuesToBeBetween(column="nonfinite", max_value=0,
                                           meta={"check": "every pixel is finite (no NaN or inf)"}),
-        gxe.ExpectColumnValuesToBeBetween(column="hu_min", min_value=v["hu_min"],
+        gxe.ExpectColumnValuesToBeBetween(column="hu_min", min_value=v.hu_min,
                                           meta={"check": "intensities are Hounsfield units (lowest value)"}),
-        gxe.ExpectColumnValuesToBeBetween(column="hu_max", max_value=v["hu_max"],
+        gxe.ExpectColumnValuesToBeBetween(column="hu_max", max_value=v.hu_max,
                                           meta={"check": "intensities are Hounsfield units (highest value)"}),
-        gxe.ExpectColumnValuesToBeBetween(column="hu_min", max_value=v["air_hu_max"],
+        gxe.ExpectColumnValuesToBeBetween(column="hu_min", max_value=v.air_hu_max,
                                           meta={"check": "air near -1000 HU (not 0..1 or 0..255 data)"}),
-        gxe.ExpectColumnValuesToBeBetween(column="hu_range", min_value=v["min_hu_range"],
+        gxe.ExpectColumnValuesToBeBetween(column="hu_range", min_value=v.min_hu_range,
                                           meta={"check": "a HU-wide range of intensities"}),
         gxe.ExpectColumnValuesToBeInSet(column="mask_values_ok", value_set=[True], **cond,
                                         meta={"check": "mask values are 0 or 1"}),
         gxe.ExpectColumnValuesToBeBetween(column="onehot_bad_pixels", max_value=0, **cond,
                                           meta={"check": "masks are one-hot (exactly one class per pixel)"}),
-        gxe.ExpectColumnValuesToBeBetween(column="frac_background", min_value=v["min_background_fraction"], **cond,
+        gxe.ExpectColumnValuesToBeBetween(column="frac_background", min_value=v.min_background_fraction, **cond,
                                           meta={"check": "background is present"}),
-        gxe.ExpectColumnValuesToBeBetween(column="frac_lesion", max_value=v["max_lesion_fraction"], **cond,
+        gxe.ExpectColumnValuesToBeBetween(column="frac_lesion", max_value=v.max_lesion_fraction, **cond,
                                           meta={"check": "lesions are not most of the image"}),
-        gxe.ExpectColumnValuesToBeBetween(column="lesion_outside_body", max_value=v["max_lesion_outside_body"],
+        gxe.ExpectColumnValuesToBeBetween(column="lesion_outside_body", max_value=v.max_lesion_outside_body,
                                           **cond, meta={"check": "lesions lie inside the body, not in outside air"}),
-        gxe.ExpectColumnValuesToBeBetween(column="lung_hu_mean", max_value=v["lung_hu_mean_max"], **cond,
-                                          meta={"check": "'lungs other' labels lie on lung-dark pixels (mask matches image)"}),
+        gxe.ExpectColumnValuesToBeBetween(column="lung_hu_mean", max_value=v.lung_hu_mean_max, **cond,
+                                          meta={"check": "'lungs other' labels lie on lung-dark pixels "
+                                                         "(mask matches image)"}),
         gxe.ExpectColumnValuesToBeUnique(column="hash", meta={"check": "no duplicate slices (train or test)"}),
     ]
 
@@ -172,8 +173,7 @@ def run_suite(name: str, table: pd.DataFrame, expectations: list, index_columns:
         if r.exception_info and r.exception_info.get("raised_exception"):
             check["error"] = r.exception_info.get("exception_message")
         checks.append(check)
-    return json.loads(json.dumps({"suite": name, "success": bool(result.success), "rows": len(table),
-                                  "checks": checks}, default=jsonable))
+    return to_jsonable({"suite": name, "success": bool(result.success), "rows": len(table), "checks": checks})
 
 
 def summary(report: dict) -> str:
@@ -205,10 +205,10 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def validate_raw(raw: RawData, params: dict) -> dict:
+def validate_raw(raw: RawData, v: Validate) -> dict:
     """The raw-data contract; raises ContractError on failure, returns the report."""
-    facts = raw_facts(raw, params["validate"]["body_hu"])
-    report = run_suite("raw_data", facts, raw_expectations(facts, raw, params["validate"]), ["file", "index"])
+    facts = raw_facts(raw, v.body_hu)
+    report = run_suite("raw_data", facts, raw_expectations(facts, raw, v), ["file", "index"])
     report["source"] = str(raw.directory)
     report["facts"] = facts.drop(columns=["hash"]).to_dict(orient="records")
     if not report["success"]:
@@ -216,24 +216,23 @@ def validate_raw(raw: RawData, params: dict) -> dict:
     return report
 
 
-def validate_processed(directory: str | Path, params: dict, n_labelled: int, n_with_consolidation: int) -> dict:
+def validate_processed(directory: str | Path, folds: int, n_labelled: int, n_with_consolidation: int) -> dict:
     """The preprocessed-output contract: values in [0, 1], class indices 0..3, split sizes, stratification."""
     import great_expectations.expectations as gxe
 
     directory = Path(directory)
-    split = json.loads((directory / "split.json").read_text())
+    split = load_split(directory)
     rows = []
-    for part in ("train", "val", "test"):
-        images = np.load(directory / f"{part}_images.npy", mmap_mode="r")
-        labels_path = directory / f"{part}_labels.npy"
+    for part in PARTS:
+        images = np.load(directory / processed_file(part, "images"), mmap_mode="r")
+        labels_path = directory / processed_file(part, "labels")
         labels = np.load(labels_path, mmap_mode="r") if labels_path.exists() else None
         for i in range(len(images)):
-            rows.append({"part": part, "file": f"{part}_images.npy", "index": i,
+            rows.append({"part": part, "file": processed_file(part, "images"), "index": i,
                          "min": float(np.min(images[i])), "max": float(np.max(images[i])),
                          "label_min": int(labels[i].min()) if labels is not None else 0,
                          "label_max": int(labels[i].max()) if labels is not None else 0})
     table = pd.DataFrame(rows)
-    folds = params["split"]["folds"]
     n_val = int((table["part"] == "val").sum())
     table["n_val"] = n_val
     table["n_train"] = int((table["part"] == "train").sum())
@@ -246,7 +245,8 @@ def validate_processed(directory: str | Path, params: dict, n_labelled: int, n_w
         gxe.ExpectColumnValuesToBeBetween(column="min", min_value=0.0, meta={"check": "inputs within [0, 1]"}),
         gxe.ExpectColumnValuesToBeBetween(column="max", max_value=1.0, meta={"check": "inputs within [0, 1]"}),
         gxe.ExpectColumnValuesToBeBetween(column="label_min", min_value=0, meta={"check": "class indices in 0..3"}),
-        gxe.ExpectColumnValuesToBeBetween(column="label_max", max_value=3, meta={"check": "class indices in 0..3"}),
+        gxe.ExpectColumnValuesToBeBetween(column="label_max", max_value=NUM_CLASSES - 1,
+                                          meta={"check": f"class indices in 0..{NUM_CLASSES - 1}"}),
         gxe.ExpectColumnValuesToBeBetween(column="n_val", min_value=lo, max_value=hi,
                                           meta={"check": f"validation is 1/{folds} of {n_labelled} slices"}),
         gxe.ExpectColumnValuesToBeBetween(column="n_train", min_value=n_labelled - hi, max_value=n_labelled - lo,
