@@ -2,7 +2,8 @@
 
 They never re-implement a stage: each training is `dvc exp run -S ...` in a working copy of its own
 (a git clone sharing the repository's DVC cache and remote), its metrics are read from the DVC metrics
-file, the promotion gate is `covseg promote`, and results go back with `dvc exp push`.
+file, the promotion gate is `covseg promote`, and results go back with `dvc exp push`. Overrides are
+checked against the params schema before anything is cloned or run.
 
     train           one run (the `train/gpu` deployment; `train/nightly` retrains when the data changed)
     sweep           a list of param sets, each its own `train/gpu` run on the pool; best one promoted
@@ -16,159 +17,140 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 # before Prefect reads its settings: telemetry off, and time for a local (ephemeral) server's first start
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.runtime import flow_run  # noqa: E402
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
 
-FLOW_RUN_ENV = "COVSEG_PREFECT_FLOW_RUN_ID"  # becomes an MLflow tag, so a sweep finds its runs
-
+from covseg import registry, shell, tracking
+from covseg.data import data_version
+from covseg.errors import ParamsError
+from covseg.names import ENV_DEPLOYMENT, ENV_FLOW_RUN, ENV_REPO, ENV_TRACKING_URI, KAGGLE_F1, PATHS
+from covseg.params import Params, apply_overrides, read_tree
 
 # ------------------------------------------------------------------------------- plain helpers
 
 
-def override_args(overrides: dict | None) -> list[str]:
-    """{'train.epochs': 3} -> ['-S', 'train.epochs=3'] for `dvc exp run` (lists as YAML flow lists)."""
+def resolve_repo(repo: str | None) -> Path:
+    """The repository a flow runs on: COVSEG_REPO (the deployment's) or the current folder. A `repo`
+    parameter may only name that same repository."""
+    home = Path(os.environ.get(ENV_REPO) or Path.cwd()).resolve()
+    if repo is not None and Path(repo).resolve() != home:
+        raise ParamsError(f"repo {repo!r} is not allowed: this deployment runs on {home} only")
+    return home
+
+
+def checked_overrides(repo: Path, overrides: dict | None) -> tuple[dict, Params]:
+    """Overrides checked against the repository's params.yaml and schema (before anything runs)."""
+    overrides = dict(overrides or {})
+    return overrides, apply_overrides(read_tree(repo / PATHS.params), overrides, "flow overrides")[1]
+
+
+def override_args(overrides: dict) -> list[str]:
+    """{'train.epochs': 3} -> ['-S', 'train.epochs=3'] for `dvc exp run`; call on checked overrides only.
+    Values are written as JSON, which DVC reads back as YAML of the same type."""
     args = []
-    for key, value in sorted((overrides or {}).items()):
-        text = json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
-        args += ["-S", f"{key}={text}"]
+    for key, value in sorted(overrides.items()):
+        args += ["-S", f"{key}={json.dumps(value)}"]
     return args
 
 
-def tracking_uri(repo: Path) -> str:
-    """The team server when MLFLOW_TRACKING_URI is set, else the repository's embedded store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo / 'mlflow.db'}"
-
-
-def results_table(rows: list[dict], metric: str = "kaggle_f1"):
+def results_table(rows: list[dict], metric: str = KAGGLE_F1):
     """One row per training, best first."""
     import pandas as pd
 
-    table = pd.DataFrame(rows)
-    return table.sort_values(metric, ascending=False, na_position="last").reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values(metric, ascending=False, na_position="last").reset_index(drop=True)
 
 
 def fold_summary(scores: list[float]) -> dict:
     import numpy as np
 
     values = np.asarray(scores, dtype=float)
-    return {"folds": len(values), "kaggle_f1_mean": float(values.mean()),
-            "kaggle_f1_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-            "kaggle_f1_min": float(values.min()), "kaggle_f1_max": float(values.max())}
-
-
-def sh(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
-    """Run a command; on failure raise with the end of its output."""
-    bindir = str(Path(sys.executable).parent)
-    full_env = {**os.environ, **(env or {}), "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}) in {cwd}:\n"
-                           f"{(proc.stdout + proc.stderr)[-4000:]}")
-    return proc.stdout
+    return {"folds": len(values), f"{KAGGLE_F1}_mean": float(values.mean()),
+            f"{KAGGLE_F1}_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            f"{KAGGLE_F1}_min": float(values.min()), f"{KAGGLE_F1}_max": float(values.max())}
 
 
 def _remote_url(repo: Path) -> tuple[str, str] | None:
     """The default DVC remote of the repository, with a local path made absolute."""
-    name = sh(["dvc", "config", "core.remote"], repo).strip()
+    name = shell.run(["dvc", "config", "core.remote"], repo, check=False).stdout.strip()
     if not name:
         return None
-    url = sh(["dvc", "config", f"remote.{name}.url"], repo).strip()
+    url = shell.run(["dvc", "config", f"remote.{name}.url"], repo).stdout.strip()
     if "://" not in url and not os.path.isabs(url):
         url = str((repo / ".dvc" / url).resolve())
     return name, url
 
 
+@contextmanager
+def working_copy(repo: Path):
+    """A git clone of the repository's HEAD that shares its DVC cache and remote; removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="covseg-run-"))
+    work = folder / "work"
+    try:
+        shell.run(["git", "clone", "-q", "--shared", str(repo), str(work)], repo)
+        shell.run(["dvc", "cache", "dir", "--local", str(repo / ".dvc" / "cache")], work)
+        remote = _remote_url(repo)
+        if remote:
+            shell.run(["dvc", "remote", "modify", "--local", remote[0], "url", remote[1]], work)
+        yield work
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------- tasks
 
 
-@task(retries=2, retry_delay_seconds=5)
-def make_working_copy(repo: str) -> str:
-    """A git clone of the repository's HEAD that shares its DVC cache and remote."""
-    repo_path = Path(repo)
-    work = Path(tempfile.mkdtemp(prefix="covseg-run-")) / "work"
-    sh(["git", "clone", "-q", "--shared", str(repo_path), str(work)], repo_path)
-    sh(["dvc", "cache", "dir", "--local", str(repo_path / ".dvc" / "cache")], work)
-    remote = _remote_url(repo_path)
-    if remote:
-        sh(["dvc", "remote", "modify", "--local", remote[0], "url", remote[1]], work)
-    return str(work)
-
-
 @task(retries=2, retry_delay_seconds=10)
-def pull_data(work: str) -> str:
+def pull_data(work: Path) -> str:
     """The data version that data.dvc records, from the shared cache or the remote."""
-    sh(["dvc", "pull", "-q", "data.dvc"], Path(work))
-    from covseg.data import data_version
-
-    return data_version(Path(work) / "data.dvc")
+    shell.run(["dvc", "pull", "-q", PATHS.dvc_file], work)
+    return data_version(work / PATHS.dvc_file)
 
 
 @task
-def run_pipeline(work: str, overrides: dict, name: str, uri: str) -> dict:
-    """`dvc exp run` with the given params; returns the DVC metrics and the pipeline's wall time."""
+def run_pipeline(work: Path, overrides: dict, name: str, uri: str) -> dict:
+    """`dvc exp run` with checked overrides; returns the DVC metrics and the pipeline's wall time."""
     start = time.time()
-    env = {"MLFLOW_TRACKING_URI": uri, FLOW_RUN_ENV: str(flow_run.get_id() or "")}
-    out = sh(["dvc", "exp", "run", "-n", name, *override_args(overrides)], Path(work), env)
+    env = {ENV_TRACKING_URI: uri, ENV_FLOW_RUN: str(flow_run.get_id() or "")}
+    out = shell.run(["dvc", "exp", "run", "-n", name, *override_args(overrides)], work, env).stdout
     get_run_logger().info("pipeline output (end):\n%s", out[-2000:])
-    metrics = json.loads((Path(work) / "reports" / "metrics.json").read_text())
+    metrics = json.loads((work / PATHS.metrics).read_text())
     return {**metrics, "pipeline_seconds": time.time() - start, "pipeline_start": start, "pipeline_end": time.time()}
 
 
 @task
-def promotion_gate(work: str, version: int, uri: str) -> dict:
+def promotion_gate(work: Path, version: int, uri: str) -> dict:
     """`covseg promote --version N` against the champion, on this copy's validation data."""
-    decision = Path(work) / "promotion.json"
-    sh(["covseg", "promote", "--version", str(version), "--output", str(decision)], Path(work),
-       {"MLFLOW_TRACKING_URI": uri})
+    decision = work / "promotion.json"
+    shell.run(["covseg", "promote", "--version", str(int(version)), "--output", str(decision)], work,
+              {ENV_TRACKING_URI: uri})
     return json.loads(decision.read_text())
 
 
 @task(retries=2, retry_delay_seconds=10)
-def push_results(work: str, name: str) -> None:
+def push_results(work: Path, name: str) -> None:
     """The experiment (git ref and DVC outputs) back to the repository and its DVC remote."""
-    sh(["dvc", "exp", "push", "origin", name], Path(work))
+    shell.run(["dvc", "exp", "push", "origin", name], work)
 
 
 @task
 def champion_data_version(uri: str, model_name: str) -> str:
-    import mlflow
-    from mlflow import MlflowClient
-
-    from covseg import registry
-
-    mlflow.set_tracking_uri(uri)
-    champion = registry.aliases(model_name).get(registry.CHAMPION)
-    if champion is None:
-        return ""
-    return MlflowClient(uri).get_model_version(model_name, str(champion)).tags.get("data_version", "")
+    return registry.champion_data_version(model_name, uri)
 
 
 @task
 def find_result(uri: str, experiment: str, run_id: str) -> dict:
     """The metrics of the MLflow run made under a Prefect flow run (tagged with its id)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.prefect_flow_run_id = '{run_id}'") if exp else []
-    if not runs:
-        return {"flow_run_id": run_id, "kaggle_f1": None}
-    versions = client.search_model_versions(f"run_id='{runs[0].info.run_id}'")
-    return {"flow_run_id": run_id, "mlflow_run_id": runs[0].info.run_id,
-            "model_version": int(versions[0].version) if versions else None,
-            **{k: runs[0].data.metrics.get(k) for k in ("kaggle_f1", "f1_ggo", "f1_consolidation", "pooled_f1")}}
+    return tracking.find_flow_run_result(uri, experiment, run_id)
 
 
 @task
@@ -185,71 +167,58 @@ def launch(deployment: str, parameters: dict) -> str:
 # ------------------------------------------------------------------------------- flows
 
 
-def _params(repo: Path) -> dict:
-    from covseg.config import load_params
-
-    return load_params(repo / "params.yaml")
-
-
 @flow(name="train", log_prints=True)
 def train(overrides: dict | None = None, repo: str | None = None, promote: bool = True,
           only_if_data_changed: bool = False) -> dict:
     """One training run of the DVC pipeline with `overrides` (e.g. {"train.epochs": 3})."""
     t0 = time.time()
-    repo_path = Path(repo or os.environ.get("COVSEG_REPO") or Path.cwd()).resolve()
-    params = _params(repo_path)
-    uri = tracking_uri(repo_path)
+    repo_path = resolve_repo(repo)
+    overrides, params = checked_overrides(repo_path, overrides)
+    uri = tracking.tracking_uri(repo_path)
     name = f"{flow_run.get_name() or 'local'}-{int(t0)}".replace("_", "-")
-    work = make_working_copy(str(repo_path))
-    try:
+    with working_copy(repo_path) as work:
         data = pull_data(work)
-        if only_if_data_changed and data == champion_data_version(uri, params["registry"]["model_name"]):
+        if only_if_data_changed and data == champion_data_version(uri, params.registry.model_name):
             print(f"data version {data} is the champion's: nothing to retrain")
             return {"skipped": True, "data_version": data}
-        result = run_pipeline(work, overrides or {}, name, uri)
+        result = run_pipeline(work, overrides, name, uri)
         t_end = result.pop("pipeline_end")
         if promote:
             result["promotion"] = promotion_gate(work, result["model_version"], uri)
         push_results(work, name)
-    finally:
-        shutil.rmtree(Path(work).parent, ignore_errors=True)
-    result.update(experiment=name, overrides=overrides or {},
+    result.update(experiment=name, overrides=overrides,
                   overhead_before_pipeline_s=result.pop("pipeline_start") - t0,
                   overhead_after_pipeline_s=time.time() - t_end)
-    print(f"{name}: kaggle_f1 {result['kaggle_f1']:.4f}, {params['registry']['model_name']} "
-          f"v{result['model_version']}" + (f"; {result['promotion']['reason']}" if promote else ""))
+    print(f"{name}: {KAGGLE_F1} {result[KAGGLE_F1]:.4f}, {params.registry.model_name} v{result['model_version']}"
+          + (f"; {result['promotion']['reason']}" if promote else ""))
     return result
 
 
 def _fan_out(param_sets: list[dict], repo: Path, deployment: str | None) -> list[dict]:
     """Each param set as its own train run: deployment runs on the pool at once, or local subflows."""
-    params = _params(repo)
+    checked = [checked_overrides(repo, ps) for ps in param_sets]  # all refused before any runs
     if not deployment:
-        return [{**train(overrides=ps, repo=str(repo), promote=False), "params": ps} for ps in param_sets]
+        return [{**train(overrides=ps, repo=str(repo), promote=False), "params": ps} for ps, _ in checked]
     futures = [launch.submit(deployment, {"overrides": ps, "repo": str(repo), "promote": False})
-               for ps in param_sets]
-    uri = tracking_uri(repo)
-    return [{**find_result(uri, params["tracking"]["experiment"], f.result()), "params": ps}
-            for f, ps in zip(futures, param_sets)]
+               for ps, _ in checked]
+    uri, experiment = tracking.tracking_uri(repo), checked[0][1].tracking.experiment if checked else ""
+    return [{**find_result(uri, experiment, f.result()), "params": ps} for f, (ps, _) in zip(futures, checked)]
 
 
 @flow(name="sweep", log_prints=True)
 def sweep(param_sets: list[dict], repo: str | None = None, deployment: str | None = "train/gpu",
           promote: bool = True) -> list[dict]:
     """Train every param set (in parallel over the pool's workers), tabulate, promote the best."""
-    repo_path = Path(repo or os.environ.get("COVSEG_REPO") or Path.cwd()).resolve()
+    repo_path = resolve_repo(repo)
     table = results_table(_fan_out(param_sets, repo_path, deployment))
     print(table.to_string())
     rows = table.to_dict(orient="records")
     if promote and rows and rows[0].get("model_version"):
-        work = make_working_copy(str(repo_path))
-        try:
+        with working_copy(repo_path) as work:
             pull_data(work)
-            sh(["dvc", "repro", "preprocess"], Path(work))  # the validation data to compare on
-            rows[0]["promotion"] = promotion_gate(work, int(rows[0]["model_version"]), tracking_uri(repo_path))
+            shell.run(["dvc", "repro", "preprocess"], work)  # the validation data to compare on
+            rows[0]["promotion"] = promotion_gate(work, int(rows[0]["model_version"]), tracking.tracking_uri(repo_path))
             print(rows[0]["promotion"]["reason"])
-        finally:
-            shutil.rmtree(Path(work).parent, ignore_errors=True)
     return rows
 
 
@@ -257,23 +226,28 @@ def sweep(param_sets: list[dict], repo: str | None = None, deployment: str | Non
 def cross_validate(folds: int = 5, overrides: dict | None = None, repo: str | None = None,
                    deployment: str | None = "train/gpu") -> dict:
     """k-fold cross-validation: fold i of `split.folds` = k as validation, all folds at once."""
-    repo_path = Path(repo or os.environ.get("COVSEG_REPO") or Path.cwd()).resolve()
+    repo_path = resolve_repo(repo)
     sets = [{**(overrides or {}), "split.folds": folds, "split.fold": i} for i in range(folds)]
     rows = _fan_out(sets, repo_path, deployment)
-    summary = {**fold_summary([r["kaggle_f1"] for r in rows]), "runs": rows}
-    print(f"{folds}-fold kaggle_f1 {summary['kaggle_f1_mean']:.4f} +- {summary['kaggle_f1_std']:.4f}")
+    summary = {**fold_summary([r[KAGGLE_F1] for r in rows]), "runs": rows}
+    print(f"{folds}-fold {KAGGLE_F1} {summary[f'{KAGGLE_F1}_mean']:.4f} +- {summary[f'{KAGGLE_F1}_std']:.4f}")
     return summary
 
 
-if __name__ == "__main__":
-    # python flows/pipeline.py train '{"train.epochs": 3}'   |   sweep '[{...}, {...}]'   |   cross_validate 5
-    command, arg = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
+def main(argv: list[str]) -> None:
+    """python -m flows.pipeline train '{"train.epochs": 3}' | sweep '[{...}, {...}]' | cross_validate 5"""
+    if not argv or argv[0] not in ("train", "sweep", "cross_validate"):
+        raise SystemExit(main.__doc__)
+    command, arg = argv[0], (argv[1] if len(argv) > 1 else None)
+    deployment = os.environ.get(ENV_DEPLOYMENT)
     if command == "train":
-        print(json.dumps(train(overrides=json.loads(arg) if arg else None), indent=1, default=str))
+        result = train(overrides=json.loads(arg) if arg else None)
     elif command == "sweep":
-        print(json.dumps(sweep(json.loads(arg), deployment=os.environ.get("COVSEG_DEPLOYMENT")), indent=1, default=str))
-    elif command == "cross_validate":
-        print(json.dumps(cross_validate(int(arg or 5), deployment=os.environ.get("COVSEG_DEPLOYMENT")), indent=1,
-                         default=str))
+        result = sweep(json.loads(arg), deployment=deployment)
     else:
-        raise SystemExit(f"unknown flow {command!r}: train, sweep or cross_validate")
+        result = cross_validate(int(arg or 5), deployment=deployment)
+    print(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
