@@ -1,38 +1,44 @@
-import copy
+"""Shared fixtures and helpers: params, tiny synthetic data, an MLflow store per test, a tiny project."""
+import ast
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from covseg.config import load_params
+from covseg import shell
 from covseg.data import synthesize, write_raw
+from covseg.names import ENV_TRACKING_URI, PATHS, STAGES
+from covseg.params import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+
+# Params of a fast CPU run on 64x64 slices, as overrides of params.yaml.
+TINY = {"synth.n_labelled": 10, "synth.n_test": 2, "synth.size": 64, "model.base_channels": 4, "model.depth": 2,
+        "train.epochs": 2, "train.scale": 1.0, "evaluate.overlays": 2}
 
 
 @pytest.fixture(autouse=True)
 def _restore_tracking_uri():
     """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; keep it from leaking into later tests."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    before = os.environ.get(ENV_TRACKING_URI)
     yield
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop(ENV_TRACKING_URI, None)
     if before is not None:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+        os.environ[ENV_TRACKING_URI] = before
 
 
 @pytest.fixture(scope="session")
-def params() -> dict:
-    return load_params(ROOT / "params.yaml")
+def params() -> Params:
+    return load_params(ROOT / PATHS.params)
 
 
 @pytest.fixture
-def tiny_params(params) -> dict:
-    """Project params shrunk for a fast CPU run on 64x64 slices."""
-    p = copy.deepcopy(params)
-    p["train"].update(epochs=1, batch_size=2, scale=1.0, augment=True)
-    p["model"].update(base_channels=4, depth=2)
-    p["evaluate"]["overlays"] = 2
-    return p
+def tiny_params(params) -> Params:
+    return params.override({**TINY, "train.epochs": 1})
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +50,146 @@ def tiny_arrays():
 @pytest.fixture
 def tiny_raw(tmp_path, tiny_arrays) -> Path:
     return write_raw(tmp_path / "raw", *tiny_arrays)
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """An embedded MLflow store of this test's own."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv(ENV_TRACKING_URI, uri)
+    return uri
+
+
+def run(cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """A shell line in `cwd` with this environment's tools first on PATH (tests only: fixed strings)."""
+    proc = shell.run(["bash", "-c", cmd], cwd, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def make_project(root: Path, overrides: dict) -> Path:
+    """A fresh git + DVC repository with the project's pipeline files, params with `overrides` applied,
+    and the synthetic data they describe recorded in data.dvc."""
+    from covseg.params import apply_overrides, read_tree
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml"):
+        shutil.copy(ROOT / name, root / name)
+    (root / PATHS.dvc_file).write_text("outs:\n- path: data/raw\n")
+    for folder in ("src", "flows", "infra"):
+        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (root / ".dvc").mkdir()
+    for name in ("config", ".gitignore"):
+        shutil.copy(ROOT / ".dvc" / name, root / ".dvc" / name)
+    tree, _ = apply_overrides(read_tree(ROOT / PATHS.params), overrides)
+    (root / PATHS.params).write_text(yaml.safe_dump(tree, sort_keys=False))
+    run("git init -q && git config user.email t@t && git config user.name t", root)
+    run("covseg data synth", root)
+    run("git add -A && git commit -qm init", root)
+    return root
+
+
+@pytest.fixture
+def sh():
+    """run(cmd, cwd, check=True): a shell line in a test project."""
+    return run
+
+
+@pytest.fixture
+def new_project(tmp_path):
+    """new_project(overrides={}): a fresh git + DVC project with TINY params and `overrides` on top."""
+    return lambda overrides=None: make_project(tmp_path / "project", {**TINY, **(overrides or {})})
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 for this test; yields its URI, stopped by PID afterwards."""
+    from servers import mlflow_server as start
+
+    with start(tmp_path) as uri:
+        yield uri
+
+
+# ----------------------------------------------------------------------------- what each stage runs
+
+
+def module_file(name: str) -> Path | None:
+    base = SRC / Path(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(tree: ast.AST) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "covseg"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "covseg":
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names if module_file(f"{node.module}.{a.name}")}
+    return found
+
+
+def imported_modules(path: Path, only_function: str | None = None) -> set[str]:
+    """covseg modules a file imports, at the top level and inside every function; with `only_function`,
+    inside that one function alone (the command line imports each command's modules in its function)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        is_def = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        if not is_def or only_function is None or node.name == only_function:
+            found |= _imports(node)
+    return found
+
+
+def closure(*modules: str, entry: tuple[str, str] | None = None) -> set[str]:
+    """Files (relative to the repository) of the modules and everything they import, packages included;
+    `entry` = (module, function) adds a module of which only that function runs."""
+    todo, seen = list(modules), set()
+    if entry:
+        path = module_file(entry[0])
+        seen.add(path)
+        todo += [entry[0].rpartition(".")[0], *imported_modules(path, only_function=entry[1])]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ too
+            path = module_file(".".join(parts[:i]))
+            if path and path not in seen:
+                seen.add(path)
+                todo += imported_modules(path)
+    return {str(p.relative_to(ROOT)) for p in seen}
+
+
+def stage_closure(stage: str) -> set[str]:
+    """What `covseg <stage>` runs: the command line's top level and its cmd_<stage>, and all they import."""
+    return closure(entry=("covseg.cli", f"cmd_{stage}"))
+
+
+@pytest.fixture(scope="session")
+def stage_modules() -> dict[str, set[str]]:
+    """stage -> the files (relative to the repository) that `covseg <stage>` runs, derived from the imports."""
+    return {stage: stage_closure(stage) for stage in STAGES}
+
+
+@pytest.fixture(scope="module")
+def repro_project(tmp_path_factory):
+    """A tiny project after `dvc repro`, shared by a module's tests (they run in order)."""
+    root = make_project(tmp_path_factory.mktemp("e2e") / "project", TINY)
+    run("dvc repro", root)
+    return root
+
+
+@pytest.fixture
+def prefect_env(tmp_path, mlflow_server):
+    """A real Prefect server and MLflow server on 127.0.0.1; yields (the environment that points at them,
+    workers) where `workers(pool, count, env)` starts process workers (a context manager)."""
+    from functools import partial
+
+    from servers import prefect_server, prefect_workers
+
+    env = {ENV_TRACKING_URI: mlflow_server}
+    with prefect_server(tmp_path, env):
+        yield env, partial(prefect_workers, tmp_path)

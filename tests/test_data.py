@@ -3,13 +3,14 @@ import json
 import numpy as np
 import pytest
 
-from covseg.data import (DataError, load_raw, index_to_one_hot, one_hot_to_index, synthesize, write_raw)
+from covseg.data import index_to_one_hot, load_raw, one_hot_to_index, synthesize, write_raw
+from covseg.errors import DataError
 
 
 def test_synth_is_deterministic_and_has_every_class():
     a = synthesize(4, 2, 64, seed=3)
     b = synthesize(4, 2, 64, seed=3)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert np.array_equal(x, y)
     images, masks, test = a
     assert images.shape == (4, 64, 64, 1) and images.dtype == np.float32
@@ -35,7 +36,7 @@ def test_write_and_load_roundtrip(tmp_path):
     raw = load_raw(tmp_path / "raw")
     assert np.array_equal(raw.images, images) and np.array_equal(raw.masks, masks)
     assert raw.train_ids == [10, 11, 12] and raw.test_ids == [7, 8]
-    assert not list(tmp_path.glob(".raw*")), "no staging folder left behind"
+    assert not list(tmp_path.glob(".*raw*")), "no staging folder left behind"
 
 
 def test_missing_file_is_named(tiny_raw):

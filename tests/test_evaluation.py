@@ -1,8 +1,14 @@
 import numpy as np
 import pytest
 
-from covseg.evaluation import (class_scores, confusion_matrix, per_slice_table, pooled_f1, summary_metrics,
-                               trivial_kaggle_f1)
+from covseg.evaluation import (
+    class_scores,
+    confusion_matrix,
+    per_slice_table,
+    pooled_f1,
+    summary_metrics,
+    trivial_kaggle_f1,
+)
 
 # 10 pixels; label / prediction per pixel
 LABELS = np.array([0, 0, 0, 1, 1, 2, 2, 3, 3, 3])

@@ -9,12 +9,11 @@ from mlflow import MlflowClient
 
 from covseg import registry
 from covseg.model import load_checkpoint, predict_labels
+from covseg.names import ENV_TRACKING_URI
 from covseg.preprocessing import load_processed
-from servers import mlflow_server
-from test_pipeline import TINY, make_project, run
 
 pytestmark = pytest.mark.slow
-LEARNS = {**TINY, "model": {"base_channels": 8, "depth": 2}, "train": {"epochs": 30, "lr": 0.01, "scale": 1.0}}
+LEARNS = {"model.base_channels": 8, "train.epochs": 30, "train.lr": 0.01}
 
 
 def _client(uri):
@@ -27,10 +26,10 @@ def _runs(client):
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-def test_embedded_store_holds_runs_from_temp_experiments(tmp_path):
-    project = make_project(tmp_path / "project", TINY)
-    run("dvc repro", project)
-    run("dvc exp run --temp -S train.epochs=1 -n tiny-temp", project)
+def test_embedded_store_holds_runs_from_temp_experiments(new_project, sh):
+    project = new_project()
+    sh("dvc repro", project)
+    sh("dvc exp run --temp -S train.epochs=1 -n tiny-temp", project)
     client = _client(f"sqlite:///{project / 'mlflow.db'}")
     first, temp = _runs(client)
     assert [m.step for m in client.get_metric_history(first.info.run_id, "train_loss")] == [1, 2]
@@ -43,61 +42,61 @@ def test_embedded_store_holds_runs_from_temp_experiments(tmp_path):
     assert sorted(int(v.version) for v in versions) == [1, 2]
 
 
-def test_server_tracking_registry_and_promotion(tmp_path):
-    project = make_project(tmp_path / "project", LEARNS)
-    with mlflow_server(tmp_path) as uri:
-        os.environ["MLFLOW_TRACKING_URI"] = uri  # restored by conftest's fixture
-        client = _client(uri)
-        # v1: an untrained model (lr 0) -- the first champion, for want of any other
-        run("dvc exp run -S train.lr=0 -S train.epochs=1", project)
-        run("covseg promote --output promote1.json", project)
-        assert registry.aliases("covseg-unet") == {"challenger": 1, "champion": 1}
+def test_server_tracking_registry_and_promotion(new_project, sh, mlflow_server):
+    project = new_project(LEARNS)
+    uri = mlflow_server
+    os.environ[ENV_TRACKING_URI] = uri  # restored by conftest's fixture
+    client = _client(uri)
+    # v1: an untrained model (lr 0) -- the first champion, for want of any other
+    sh("dvc exp run -S train.lr=0 -S train.epochs=1", project)
+    sh("covseg promote --output promote1.json", project)
+    assert registry.aliases("covseg-unet") == {"challenger": 1, "champion": 1}
 
-        # v2: a trained model beats it by the margin and is promoted
-        run("dvc exp run -S train.lr=0.01 -S train.epochs=30", project)
-        out = run("covseg promote --output promote2.json", project).stdout
-        d2 = json.loads((project / "promote2.json").read_text())
-        assert d2["promoted"] and d2["challenger_score"] > d2["champion_score"] + 0.005, out
-        assert registry.aliases("covseg-unet")["champion"] == 2
+    # v2: a trained model beats it by the margin and is promoted
+    sh("dvc exp run -S train.lr=0.01 -S train.epochs=30", project)
+    out = sh("covseg promote --output promote2.json", project).stdout
+    d2 = json.loads((project / "promote2.json").read_text())
+    assert d2["promoted"] and d2["challenger_score"] > d2["champion_score"] + 0.005, out
+    assert registry.aliases("covseg-unet")["champion"] == 2
 
-        # the champion from the registry reproduces the run's predictions exactly
-        images, labels = load_processed(project / "data/processed", "val")
-        champion = mlflow.pytorch.load_model("models:/covseg-unet@champion")
-        checkpoint, ckpt = load_checkpoint(project / "models/model.pt")
-        assert np.array_equal(predict_labels(champion, images), predict_labels(checkpoint, images))
-        run("covseg submit --model models:/covseg-unet@champion --out from_registry", project)
-        assert (project / "from_registry/submission.csv").read_bytes() == \
-            (project / "submission/submission.csv").read_bytes()
+    # the champion from the registry reproduces the run's predictions exactly
+    images, labels = load_processed(project / "data/processed", "val")
+    champion = mlflow.pytorch.load_model("models:/covseg-unet@champion")
+    checkpoint, ckpt = load_checkpoint(project / "models/model.pt")
+    assert np.array_equal(predict_labels(champion, images), predict_labels(checkpoint, images))
+    sh("covseg submit --model models:/covseg-unet@champion --out from_registry", project)
+    assert (project / "from_registry/submission.csv").read_bytes() == \
+        (project / "submission/submission.csv").read_bytes()
 
-        # v3: untrained again (other params, else DVC's run cache restores v1's outputs) -- worse
-        run("dvc exp run -S train.lr=0 -S train.epochs=2", project)
-        run("covseg promote --output promote3.json", project)
-        d3 = json.loads((project / "promote3.json").read_text())
-        assert not d3["promoted"] and registry.aliases("covseg-unet") == {"challenger": 3, "champion": 2}
-        assert "not promoted" in client.get_model_version("covseg-unet", "3").description
+    # v3: untrained again (other params, else DVC's run cache restores v1's outputs) -- worse
+    sh("dvc exp run -S train.lr=0 -S train.epochs=2", project)
+    sh("covseg promote --output promote3.json", project)
+    d3 = json.loads((project / "promote3.json").read_text())
+    assert not d3["promoted"] and registry.aliases("covseg-unet") == {"challenger": 3, "champion": 2}
+    assert "not promoted" in client.get_model_version("covseg-unet", "3").description
 
-        # a roll back by hand
-        run("covseg promote --version 1 --force", project)
-        assert registry.aliases("covseg-unet")["champion"] == 1
+    # a roll back by hand
+    sh("covseg promote --version 1 --force", project)
+    assert registry.aliases("covseg-unet")["champion"] == 1
 
-        # what the run holds: params, per-epoch histories, final metrics, artifacts, tags
-        trained = _runs(client)[1]
-        assert trained.info.run_id == ckpt["mlflow_run_id"]
-        assert trained.data.params["train.epochs"] == "30" and "validate.hu_min" in trained.data.params
-        for key in ("train_loss", "val_loss", "lr", "val_f1_ggo", "val_f1_consolidation"):
-            assert len(client.get_metric_history(trained.info.run_id, key)) == 30
-        assert trained.data.metrics["kaggle_f1"] > 0.1
-        tags = trained.data.tags
-        assert len(tags["git_commit"]) == 40 and tags["data_version"].endswith(".dir")
-        assert tags["dvc_exp_name"]
-        top = {a.path for a in client.list_artifacts(trained.info.run_id)}
-        assert {"evaluation", "submission", "train_history.csv", "validation.json"} <= top
-        evaluation = {a.path.split("/")[-1] for a in client.list_artifacts(trained.info.run_id, "evaluation")}
-        assert {"loss_curves.png", "confusion_matrix.png", "per_slice.csv"} <= evaluation
-        assert any(p.startswith("overlay_") for p in evaluation)
-        v2 = client.get_model_version("covseg-unet", "2")
-        assert v2.run_id == trained.info.run_id and float(v2.tags["kaggle_f1"]) > 0.1
-        assert v2.tags["data_version"] == tags["data_version"]
-        metrics = json.loads((project / "reports/metrics.json").read_text())
-        assert metrics["model_version"] == 3 and len(metrics["mlflow_run_id"]) == 32
+    # what the run holds: params, per-epoch histories, final metrics, artifacts, tags
+    trained = _runs(client)[1]
+    assert trained.info.run_id == ckpt["mlflow_run_id"]
+    assert trained.data.params["train.epochs"] == "30" and "validate.hu_min" in trained.data.params
+    for key in ("train_loss", "val_loss", "lr", "val_f1_ggo", "val_f1_consolidation"):
+        assert len(client.get_metric_history(trained.info.run_id, key)) == 30
+    assert trained.data.metrics["kaggle_f1"] > 0.1
+    tags = trained.data.tags
+    assert len(tags["git_commit"]) == 40 and tags["data_version"].endswith(".dir")
+    assert tags["dvc_exp_name"]
+    top = {a.path for a in client.list_artifacts(trained.info.run_id)}
+    assert {"evaluation", "submission", "train_history.csv", "validation.json"} <= top
+    evaluation = {a.path.split("/")[-1] for a in client.list_artifacts(trained.info.run_id, "evaluation")}
+    assert {"loss_curves.png", "confusion_matrix.png", "per_slice.csv"} <= evaluation
+    assert any(p.startswith("overlay_") for p in evaluation)
+    v2 = client.get_model_version("covseg-unet", "2")
+    assert v2.run_id == trained.info.run_id and float(v2.tags["kaggle_f1"]) > 0.1
+    assert v2.tags["data_version"] == tags["data_version"]
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert metrics["model_version"] == 3 and len(metrics["mlflow_run_id"]) == 32
 

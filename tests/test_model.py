@@ -14,8 +14,8 @@ def test_unet_shapes(depth, base):
 
 
 def test_seed_recipe_is_the_plain_unet(params):
-    p = {**params, "model": {"base_channels": 64, "depth": 4, "norm": "none"}}
-    model = build_model(p)
+    seed = params.override({"model.base_channels": 64, "model.depth": 4, "model.norm": "none"})
+    model = build_model(seed.model)
     assert isinstance(model.up[0], torch.nn.ConvTranspose2d)
     assert model.down[0][0].kernel_size == (3, 3)
 

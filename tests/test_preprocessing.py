@@ -27,7 +27,8 @@ def _labels(burdens):
 
 def test_folds_are_seeded_and_stratified():
     rng = np.random.default_rng(0)
-    burdens = [(int(g), int(c)) for g, c in zip(rng.integers(0, 40, 50), rng.integers(0, 10, 50) * (rng.random(50) < 0.3))]
+    consolidation = rng.integers(0, 10, 50) * (rng.random(50) < 0.3)
+    burdens = [(int(g), int(c)) for g, c in zip(rng.integers(0, 40, 50), consolidation)]
     labels = _labels(burdens)
     folds = assign_folds(labels, 5, seed=1)
     assert np.array_equal(folds, assign_folds(labels, 5, seed=1))
@@ -48,13 +49,13 @@ def test_folds_reject_bad_counts():
 
 def test_preprocess_writes_split(tmp_path, tiny_raw, params):
     raw = load_raw(tiny_raw)
-    summary = preprocess(raw, tmp_path / "processed", params)
+    summary = preprocess(raw, tmp_path / "processed", params.window, params.split, params.seed)
     x_train, y_train = load_processed(tmp_path / "processed", "train")
     x_val, y_val = load_processed(tmp_path / "processed", "val")
     x_test, y_test = load_processed(tmp_path / "processed", "test")
     assert len(x_train) + len(x_val) == 12 and len(x_val) in (2, 3) and y_test is None
-    assert x_train.dtype == np.float32 and 0 <= x_train.min() and x_train.max() <= 1
+    assert x_train.dtype == np.float32 and x_train.min() >= 0 and x_train.max() <= 1
     assert set(summary["train_index"]).isdisjoint(summary["val_index"])
     labels = one_hot_to_index(raw.masks)
     assert np.array_equal(y_val, labels[summary["val_index"]])
-    assert json.loads((tmp_path / "processed" / "split.json").read_text())["fold"] == params["split"]["fold"]
+    assert json.loads((tmp_path / "processed" / "split.json").read_text())["fold"] == params.split.fold

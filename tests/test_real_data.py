@@ -5,22 +5,23 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import make_project, run
+from covseg.names import ENV_REAL_DATA
 
-REAL = os.environ.get("COVSEG_REAL_DATA")
+REAL = os.environ.get(ENV_REAL_DATA)
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not REAL, reason="COVSEG_REAL_DATA is not set (a Kaggle-layout folder)")]
+              pytest.mark.skipif(not REAL, reason=f"{ENV_REAL_DATA} is not set (a Kaggle-layout folder)")]
 
 
-def test_pipeline_on_real_data_beats_a_trivial_predictor(tmp_path):
-    project = make_project(tmp_path / "project", {"synth": {"n_labelled": 5, "n_test": 1, "size": 64}})
-    run(f"covseg data import {REAL}", project)
-    run("git add -A && git commit -qm 'real data'", project)
-    run("dvc exp run -S train.epochs=3", project)
+def test_pipeline_on_real_data_beats_a_trivial_predictor(new_project, sh):
+    project = new_project({"synth.n_labelled": 5, "synth.n_test": 1, "synth.size": 64})
+    sh(f"covseg data import {REAL}", project)
+    sh("git add -A && git commit -qm 'real data'", project)
+    sh("dvc exp run -S train.epochs=3", project)
     metrics = json.loads((project / "reports/metrics.json").read_text())
     print(json.dumps(metrics, indent=1))
     assert metrics["kaggle_f1"] > max(0.15, 3 * metrics["trivial_kaggle_f1"])
     assert metrics["f1_ggo"] > 0.2
-    rows = sum(1 for _ in open(project / "submission/submission.csv")) - 1
+    with open(project / "submission/submission.csv") as f:
+        rows = sum(1 for _ in f) - 1
     test_images = json.loads((Path(REAL) / "slice_ids.json").read_text())["test"]
     assert rows == len(test_images) * 512 * 512 * 2

@@ -3,12 +3,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covseg.data import DataError, load_raw, write_raw
+from covseg.data import load_raw, write_raw
+from covseg.errors import DataError
 from covseg.validation import ContractError, summary, validate_raw, validate_submission
 
 
 def test_good_synthetic_data_passes(tiny_raw, params):
-    report = validate_raw(load_raw(tiny_raw), params)
+    report = validate_raw(load_raw(tiny_raw), params.validate_)
     assert report["success"] and len(report["checks"]) >= 15
     assert "all" in summary(report)
 
@@ -88,7 +89,7 @@ def _lesion_in_air(images, masks, test):
 def test_corruption_fails_with_the_right_expectation(tmp_path, tiny_arrays, params, corruption, column):
     bad = _corrupt(tmp_path, tiny_arrays, corruption)
     with pytest.raises(ContractError) as info:
-        validate_raw(load_raw(bad), params)
+        validate_raw(load_raw(bad), params.validate_)
     failed = {c["kwargs"].get("column") for c in info.value.report["checks"] if not c["success"]}
     assert failed & set((column,) if isinstance(column, str) else column), summary(info.value.report)
     message = str(info.value)
@@ -99,13 +100,13 @@ def test_corruption_fails_with_the_right_expectation(tmp_path, tiny_arrays, para
 def test_summary_names_file_slice_and_value(tmp_path, tiny_arrays, params):
     bad = _corrupt(tmp_path, tiny_arrays, _nan)
     with pytest.raises(ContractError, match=r"images_medseg\.npy: slices 4 \(nonfinite=100\)"):
-        validate_raw(load_raw(bad), params)
+        validate_raw(load_raw(bad), params.validate_)
 
 
 def test_thresholds_come_from_params(tiny_raw, params):
-    strict = {**params, "validate": {**params["validate"], "max_lesion_fraction": 0.0}}
+    strict = params.override({"validate.max_lesion_fraction": 0.0})
     with pytest.raises(ContractError, match="lesions are not most of the image"):
-        validate_raw(load_raw(tiny_raw), strict)
+        validate_raw(load_raw(tiny_raw), strict.validate_)
 
 
 def test_contract_error_is_a_data_error():

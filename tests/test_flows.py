@@ -1,0 +1,111 @@
+"""The Prefect flows, with Prefect's test harness: overrides checked before anything runs, orchestration of
+the pipeline tasks (faked here; the slow tier runs them for real on a server and workers)."""
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from covseg.errors import ParamsError
+from covseg.names import ENV_REPO
+
+pipeline = pytest.importorskip("flows.pipeline")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness(tmp_path_factory):
+    import os
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def fake_pipeline(monkeypatch, tmp_path):
+    """Replace the working copy and the tasks that run DVC / covseg with recorders."""
+    monkeypatch.setenv(ENV_REPO, str(Path(__file__).resolve().parents[1]))
+    calls = []
+
+    @contextmanager
+    def working_copy(repo):
+        calls.append(("clone", str(repo)))
+        yield tmp_path
+
+    def run_pipeline(work, overrides, name, uri):
+        calls.append(("dvc exp run", overrides))
+        fold = overrides.get("split.fold", 0)
+        return {"kaggle_f1": 0.5 + fold / 10, "model_version": 7, "pipeline_start": 0.0, "pipeline_end": 0.0}
+
+    monkeypatch.setattr(pipeline, "working_copy", working_copy)
+    monkeypatch.setattr(pipeline, "pull_data", lambda work: calls.append(("pull",)) or "md5-data")
+    monkeypatch.setattr(pipeline, "run_pipeline", run_pipeline)
+    monkeypatch.setattr(pipeline, "promotion_gate",
+                        lambda work, version, uri: calls.append(("promote", version)) or {"reason": "promoted: test"})
+    monkeypatch.setattr(pipeline, "push_results", lambda work, name: calls.append(("push", name)))
+    monkeypatch.setattr(pipeline, "champion_data_version", lambda uri, name: "md5-data")
+    return calls
+
+
+def test_override_args_are_typed_values():
+    assert pipeline.override_args({"train.epochs": 3, "train.class_weights": [1, 2, 1, 1], "train.augment": False,
+                                   "train.loss": "dice_ce"}) == [
+        "-S", "train.augment=false", "-S", "train.class_weights=[1, 2, 1, 1]", "-S", "train.epochs=3",
+        "-S", 'train.loss="dice_ce"']
+
+
+def test_results_table_best_first():
+    table = pipeline.results_table([{"kaggle_f1": 0.2, "v": 1}, {"kaggle_f1": None, "v": 3},
+                                    {"kaggle_f1": 0.5, "v": 2}])
+    assert table["v"].tolist() == [2, 1, 3]
+
+
+def test_fold_summary():
+    s = pipeline.fold_summary([0.4, 0.5, 0.6])
+    assert s == {"folds": 3, "kaggle_f1_mean": pytest.approx(0.5), "kaggle_f1_std": pytest.approx(0.1),
+                 "kaggle_f1_min": 0.4, "kaggle_f1_max": 0.6}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"dvc.yaml:stages.train.cmd": "touch /tmp/pwned"}, "unknown key 'dvc.yaml:stages.train.cmd'"),
+    ({"train.loss": "foo"}, r"train\.loss = 'foo' is not allowed"),
+    ({"split.fold": 7}, r"split\.fold = 7 is not allowed"),
+])
+def test_train_refuses_bad_overrides_before_cloning(fake_pipeline, overrides, message):
+    with pytest.raises(ParamsError, match=message):
+        pipeline.train(overrides=overrides)
+    assert fake_pipeline == [], "nothing cloned or run"
+
+
+def test_train_refuses_another_repository(fake_pipeline, tmp_path):
+    with pytest.raises(ParamsError, match="is not allowed: this deployment runs on"):
+        pipeline.train(repo=str(tmp_path))
+    assert fake_pipeline == []
+
+
+def test_train_runs_pipeline_promotes_and_pushes(fake_pipeline):
+    result = pipeline.train(overrides={"train.epochs": 2})
+    assert [c[0] for c in fake_pipeline] == ["clone", "pull", "dvc exp run", "promote", "push"]
+    assert fake_pipeline[2] == ("dvc exp run", {"train.epochs": 2}) and fake_pipeline[3] == ("promote", 7)
+    assert result["kaggle_f1"] == 0.5 and result["promotion"]["reason"] == "promoted: test"
+
+
+def test_nightly_skips_when_the_champion_has_this_data(fake_pipeline):
+    result = pipeline.train(only_if_data_changed=True)
+    assert result == {"skipped": True, "data_version": "md5-data"}
+    assert "dvc exp run" not in [c[0] for c in fake_pipeline]
+
+
+def test_cross_validate_runs_every_fold_and_summarises(fake_pipeline):
+    summary = pipeline.cross_validate(folds=3, overrides={"train.epochs": 1}, deployment=None)
+    runs = [c[1] for c in fake_pipeline if c[0] == "dvc exp run"]
+    assert runs == [{"train.epochs": 1, "split.folds": 3, "split.fold": i} for i in range(3)]
+    assert summary["folds"] == 3 and summary["kaggle_f1_mean"] == pytest.approx(0.6)
+    assert "promote" not in [c[0] for c in fake_pipeline]
+
+
+def test_sweep_refuses_every_set_before_running_any(fake_pipeline):
+    with pytest.raises(ParamsError, match=r"train\.lr = -1"):
+        pipeline.sweep([{"train.lr": 0.001}, {"train.lr": -1}], deployment=None)
+    assert fake_pipeline == []
