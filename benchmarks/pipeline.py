@@ -14,24 +14,17 @@ import os
 import platform
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
+from covseg import shell
+from covseg.names import HEADLINE_METRICS, PATHS, STAGES
+from covseg.params import apply_overrides, read_tree
+
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("validate", "preprocess", "train", "evaluate", "submit")
-
-
-def sh(cmd: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(cmd, cwd=cwd, shell=True, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def machine() -> str:
@@ -50,30 +43,26 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="covseg-bench-")) / "repo"
     try:
-        sh(f"git clone -q {ROOT} {work}", ROOT)
-        params = yaml.safe_load((work / "params.yaml").read_text())
-        for item in args.set:
-            key, value = item.split("=", 1)
-            section, name = key.split(".", 1)
-            params[section][name] = yaml.safe_load(value)
-        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        shell.run(["git", "clone", "-q", str(ROOT), str(work)], ROOT)
+        overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+        tree, _ = apply_overrides(read_tree(work / PATHS.params), overrides, "-S")
+        (work / PATHS.params).write_text(yaml.safe_dump(tree, sort_keys=False))
         t = time.time()
-        sh(f"covseg data import {Path(args.data).resolve()}", work)
+        shell.run(["covseg", "data", "import", str(Path(args.data).resolve())], work)
         rows = [{"stage": "data import", "seconds": round(time.time() - t, 1), "peak_rss_mb": None}]
         for stage in STAGES:
-            proc = sh(f"/usr/bin/time -f 'BENCH %e %M' dvc repro --single-item {stage}", work)
+            proc = shell.run(["/usr/bin/time", "-f", "BENCH %e %M", "dvc", "repro", "--single-item", stage], work)
             wall, rss = re.findall(r"BENCH ([\d.]+) (\d+)", proc.stderr)[-1]
             rows.append({"stage": stage, "seconds": float(wall), "peak_rss_mb": round(int(rss) / 1024)})
             print(rows[-1], flush=True)
-        metrics = json.loads((work / "reports" / "metrics.json").read_text())
+        metrics = json.loads((work / PATHS.metrics).read_text())
     finally:
         shutil.rmtree(work.parent, ignore_errors=True)
 
     result = {"machine": machine(), "data": str(args.data), "overrides": args.set,
               "date": time.strftime("%Y-%m-%d"), "stages": rows,
               "total_seconds": round(sum(r["seconds"] for r in rows), 1),
-              "metrics": {k: metrics[k] for k in ("kaggle_f1", "f1_ggo", "f1_consolidation", "pooled_f1",
-                                                   "trivial_kaggle_f1", "best_epoch", "val_slices")}}
+              "metrics": {k: metrics[k] for k in (*HEADLINE_METRICS, "trivial_kaggle_f1", "best_epoch", "val_slices")}}
     out = ROOT / "benchmarks" / "results" / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -23,9 +23,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()
-    from covseg.config import load_params
+    from covseg.names import KAGGLE_F1, PATHS, SHORT
+    from covseg.params import load_params
 
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(ROOT / PATHS.params)
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
@@ -37,15 +38,14 @@ def main() -> None:
         times["import mlflow"] = time.perf_counter() - t
 
         from covseg.model import Segmenter, build_model
-        model = Segmenter(build_model(params), params["train"]["scale"])
+        model = Segmenter(build_model(params.model), params.train.scale)
         t = time.perf_counter()
         run = tracking.start_training_run(params)
         times["start run + log all params"] = time.perf_counter() - t
         t = time.perf_counter()
         for epoch in range(1, args.epochs + 1):
             tracking.log_epoch({"epoch": epoch, "train_loss": 1.0, "val_loss": 1.0, "lr": 1e-3,
-                                **{f"val_f1_{c}": 0.5 for c in ("ggo", "consolidation", "lungs_other", "background")},
-                                "val_kaggle_f1": 0.5, "seconds": 1.0})
+                                **{f"val_f1_{c}": 0.5 for c in SHORT}, f"val_{KAGGLE_F1}": 0.5, "seconds": 1.0})
         times[f"log_metrics x {args.epochs} epochs"] = time.perf_counter() - t
         t = time.perf_counter()
         uri = tracking.log_model(model, (args.size, args.size))
@@ -56,10 +56,10 @@ def main() -> None:
         for i in range(8):
             (figures / f"figure{i}.png").write_bytes(os.urandom(250_000))
         t = time.perf_counter()
-        with tracking.resume(run.info.run_id, params["tracking"]["experiment"]):
-            mlflow.log_metrics({"kaggle_f1": 0.5, "f1_ggo": 0.5})
+        with tracking.resume(run.info.run_id, params.tracking.experiment):
+            mlflow.log_metrics({KAGGLE_F1: 0.5, "f1_ggo": 0.5})
             mlflow.log_artifacts(str(figures), "evaluation")
-            registry.register(uri, run.info.run_id, params["registry"]["model_name"], {"kaggle_f1": 0.5})
+            registry.register(uri, run.info.run_id, params.registry.model_name, {KAGGLE_F1: 0.5})
         times["evaluate: metrics, 8 figures, register version"] = time.perf_counter() - t
     result = {"seconds": {k: round(v, 2) for k, v in times.items()},
               "total_seconds": round(sum(times.values()), 1), "epochs": args.epochs, "size": args.size}
