@@ -30,3 +30,23 @@ def test_predict_at_half_scale_returns_full_size(tmp_path):
     loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
     assert loaded.scale == 0.5 and ckpt["epoch"] == 3
     assert np.array_equal(predict_labels(loaded, images, 2), labels)
+
+
+@pytest.mark.parametrize("size,scale", [(30, 1.0), (52, 0.5), (520, 0.5)])
+def test_any_slice_size_is_padded_and_cropped_back(size, scale):
+    torch.manual_seed(0)
+    model = Segmenter(UNet(base_channels=2, depth=4), scale=scale)
+    images = np.random.default_rng(0).random((1, size, size + 6), dtype=np.float32)
+    assert predict_labels(model, images).shape == (1, size, size + 6)
+
+
+def test_training_takes_a_size_the_network_does_not_divide(params, tmp_path):
+    from covseg.data import one_hot_to_index, synthesize
+    from covseg.preprocessing import window
+    from covseg.training import train
+
+    images, masks, _ = synthesize(6, 1, 36, seed=2)  # 36 * 0.5 = 18: not a multiple of 2**4
+    x, y = window(images[..., 0]), one_hot_to_index(masks)
+    p = params.override({"train.epochs": 1, "model.base_channels": 2, "model.depth": 4})
+    history = train(p.train, p.model, p.seed, x[:4], y[:4], x[4:], y[4:], tmp_path / "m.pt")
+    assert len(history) == 1 and (tmp_path / "m.pt").is_file()

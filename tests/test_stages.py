@@ -22,8 +22,9 @@ def pipeline(tmp_path, tiny_raw, tiny_params, mlflow_store, monkeypatch):
     p = tiny_params
     results = {
         "validate": validate.run(tiny_raw, PATHS.validation, p.validate_),
-        "preprocess": preprocess.run(tiny_raw, PATHS.processed, p.window, p.split, p.seed),
-        "train": train.run(PATHS.processed, PATHS.model, PATHS.history, p),
+        "preprocess": preprocess.run(tiny_raw, PATHS.processed, p.window, p.split, p.seed, PATHS.validation),
+        "train": train.run(PATHS.processed, PATHS.model, PATHS.history, p.seed, p.model, p.train, p.tracking,
+                           p.flat()),
     }
     results["evaluate"] = evaluate.run(PATHS.processed, PATHS.model, PATHS.history, PATHS.validation,
                                        PATHS.metrics, PATHS.evaluation, p.evaluate, p.tracking, p.registry)
@@ -103,14 +104,35 @@ def three_versions(pipeline, mlflow_store):
     return root
 
 
-def _gate(version, scores):
+def _gate(version, scores, min_score=0.1, floor=0.05):
     return registry.promote("covseg-unet", lambda uri: scores[int(uri.rsplit("/", 1)[1])], 0.005, "kaggle_f1",
-                            version)
+                            version, min_score=min_score, floor=floor)
+
+
+def test_a_first_champion_must_pass_min_score_and_the_constant_predictor(three_versions):
+    weak = _gate(1, {1: 0.08})
+    assert weak["promoted"] is False and "below registry.min_score 0.1" in weak["reason"]
+    assert CHAMPION not in registry.aliases("covseg-unet")
+    trivial = _gate(2, {2: 0.3}, floor=0.3)
+    assert trivial["promoted"] is False and "does not beat the constant predictor (0.3000)" in trivial["reason"]
+    assert CHAMPION not in registry.aliases("covseg-unet")
+    assert _gate(3, {3: 0.35}, floor=0.3)["promoted"] is True
+
+
+def test_challenger_alias_moves_only_once_the_version_is_scored(three_versions):
+    _gate(1, {1: 0.4})
+
+    def broken(uri):
+        raise RuntimeError("scoring failed")
+
+    with pytest.raises(RuntimeError):
+        registry.promote("covseg-unet", broken, 0.005, "kaggle_f1", 2)
+    assert registry.aliases("covseg-unet") == {CHALLENGER: 1, CHAMPION: 1}
 
 
 def test_gate_promotes_only_past_the_margin(three_versions):
     first = _gate(1, {1: 0.40})
-    assert first["promoted"] is True and first["reason"] == "promoted: no champion yet"
+    assert first["promoted"] is True and first["reason"].startswith("promoted: no champion yet")
     assert registry.aliases("covseg-unet") == {CHALLENGER: 1, CHAMPION: 1}
     close = _gate(2, {1: 0.40, 2: 0.404})
     assert close["promoted"] is False and close["reason"].startswith("not promoted: kaggle_f1 0.4040 vs champion v1")
@@ -138,5 +160,69 @@ def test_gate_scores_registered_models_on_the_validation_data(three_versions, ti
     decision = registry.run_promotion(PATHS.processed, tiny_params.registry, tiny_params.evaluate,
                                       tiny_params.tracking, "cpu", version=2)
     metrics = json.loads((three_versions / PATHS.metrics).read_text())
-    assert decision["promoted"] is True
     assert decision["challenger_score"] == pytest.approx(metrics["kaggle_f1"])
+    floor = max(tiny_params.registry.min_score, metrics["trivial_kaggle_f1"])
+    assert decision["promoted"] is (metrics["kaggle_f1"] > floor)
+    assert registry.aliases("covseg-unet").get(CHAMPION) == (2 if decision["promoted"] else None)
+
+
+# ----------------------------------------------------------------------------- stages refuse unchecked data
+
+
+def test_preprocess_refuses_data_whose_contract_was_never_checked(tmp_path, tiny_raw, tiny_params):
+    p = tiny_params
+    with pytest.raises(CovsegError, match="no validation report"):
+        preprocess.run(tiny_raw, tmp_path / "out", p.window, p.split, p.seed, tmp_path / "missing.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_preprocess_refuses_data_that_failed_or_changed_since_validation(tmp_path, tiny_raw, tiny_arrays,
+                                                                         tiny_params):
+    from covseg.data import write_raw
+
+    p = tiny_params
+    report = tmp_path / "validation.json"
+    validate.run(tiny_raw, report, p.validate_)
+    images, masks, test = (a.copy() for a in tiny_arrays)
+    images[2, :4, :4] = np.nan
+    write_raw(tiny_raw, images, masks, test)  # changed after the check
+    with pytest.raises(CovsegError, match="was made for other data"):
+        preprocess.run(tiny_raw, tmp_path / "out", p.window, p.split, p.seed, report)
+    with pytest.raises(ContractError):
+        validate.run(tiny_raw, report, p.validate_)
+    with pytest.raises(CovsegError, match="failed the data contract"):
+        preprocess.run(tiny_raw, tmp_path / "out", p.window, p.split, p.seed, report)
+    assert not (tmp_path / "out").exists()
+
+
+def test_processed_contract_catches_non_finite_values(tmp_path, tiny_raw, tiny_params):
+    from covseg.data import load_raw
+    from covseg.preprocessing import preprocess as write_processed
+    from covseg.validation import validate_processed
+
+    p = tiny_params
+    out = tmp_path / "processed"
+    write_processed(load_raw(tiny_raw), out, p.window, p.split, p.seed)
+    images = np.load(out / "train_images.npy")
+    images[0, :3, :3] = np.nan
+    np.save(out / "train_images.npy", images)
+    with pytest.raises(ContractError, match=r"train_images\.npy: slices 0 \(nonfinite=9\)"):
+        validate_processed(out, p.split.folds, 12, 12)
+
+
+def test_training_numbers_are_those_of_the_code_before_the_stage_refactor(tiny_arrays, params, tmp_path):
+    """The training loop moved into typed sections without changing a number: this history was recorded
+    with the same data and params at commit 313dba1 (the last commit before the refactor)."""
+    from covseg.data import one_hot_to_index
+    from covseg.preprocessing import window
+    from covseg.training import train as train_loop
+
+    images, masks, _ = tiny_arrays
+    x, y = window(images[..., 0]), one_hot_to_index(masks)
+    p = params.override({"train.epochs": 3, "train.scale": 0.5, "model.base_channels": 4, "model.depth": 2})
+    history = train_loop(p.train, p.model, p.seed, x[:9], y[:9], x[9:], y[9:], tmp_path / "m.pt")
+    assert history["train_loss"].tolist() == pytest.approx([1.1407018303871155, 1.0751619040966034,
+                                                            1.105480432510376], abs=1e-6)
+    assert history["val_loss"].tolist() == pytest.approx([1.2027838230133057, 1.1951385736465454,
+                                                          1.1951051950454712], abs=1e-6)
+    assert history["val_f1_background"].tolist() == pytest.approx([0.9169274161561852] * 3, abs=1e-6)

@@ -72,7 +72,32 @@ def _lesion_in_air(images, masks, test):
     return images, masks, test
 
 
+def _swapped_findings(images, masks, test):  # ground glass and consolidation channels swapped
+    return images, masks[..., [1, 0, 2, 3]], test
+
+
+def _wiped_labels(images, masks, test):  # a labelled slice whose mask is all background
+    masks[4] = [0, 0, 0, 1]
+    return images, masks, test
+
+
+def _no_lung(images, masks, test):  # lung and findings relabelled as background
+    masks[4, ..., 3] = 1
+    masks[4, ..., :3] = 0
+    masks[4, :2, :2] = [0, 0, 1, 0]  # a few stray lung pixels
+    return images, masks, test
+
+
+def _near_copy_in_test(images, masks, test):  # a test slice that is a labelled slice + 0.5 HU
+    test[1] = images[2] + 0.5
+    return images, masks, test
+
+
 @pytest.mark.parametrize("corruption,column", [
+    (_swapped_findings, "consolidation_minus_ggo_hu"),
+    (_wiped_labels, "frac_lung"),
+    (_no_lung, "frac_lung"),
+    (_near_copy_in_test, "nearest_slice_hu"),
     (_nan, "nonfinite"),
     (_bytes, "hu_min"),
     (_unit, "hu_range"),
@@ -95,6 +120,13 @@ def test_corruption_fails_with_the_right_expectation(tmp_path, tiny_arrays, para
     message = str(info.value)
     assert str(bad) in message and "FAILED" in message
     assert "_medseg.npy: slices" in message, "names the file and the slice indices"
+
+
+def test_complex_images_are_refused(tmp_path, tiny_arrays):
+    images, masks, test = tiny_arrays
+    bad = write_raw(tmp_path / "bad", images.astype(np.complex64), masks, test)
+    with pytest.raises(DataError, match=r"images_medseg\.npy: complex values \(complex64\)"):
+        load_raw(bad)
 
 
 def test_summary_names_file_slice_and_value(tmp_path, tiny_arrays, params):

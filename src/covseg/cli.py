@@ -52,7 +52,7 @@ def cmd_preprocess(args, params: Params) -> None:
     from covseg.stages import preprocess
     from covseg.validation import summary
 
-    result = preprocess.run(args.raw, args.out, params.window, params.split, params.seed)
+    result = preprocess.run(args.raw, args.out, params.window, params.split, params.seed, args.report)
     split = result["split"]
     print(summary(result["contract"]))
     print(f"{len(split['train_index'])} train / {len(split['val_index'])} validation slices "
@@ -63,7 +63,8 @@ def cmd_preprocess(args, params: Params) -> None:
 def cmd_train(args, params: Params) -> None:
     from covseg.stages import train
 
-    result = train.run(args.data, args.model, args.history, params)
+    result = train.run(args.data, args.model, args.history, params.seed, params.model, params.train,
+                       params.tracking, params.flat())
     print(f"best epoch {result['best_epoch']}: val_kaggle_f1 {result['val_kaggle_f1']:.4f} -> {args.model} "
           f"(MLflow run {result['mlflow_run_id']})")
 
@@ -128,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_help = "a checkpoint, or an MLflow model URI such as models:/covseg-unet@champion"
     stage("validate", "stage: the raw-data contract (Great Expectations)", cmd_validate,
           raw=PATHS.raw, report=PATHS.validation)
-    stage("preprocess", "stage: HU window, class indices, stratified split", cmd_preprocess,
-          raw=PATHS.raw, out=PATHS.processed)
+    stage("preprocess", "stage: HU window, class indices, stratified split (of data that passed validate)",
+          cmd_preprocess, raw=PATHS.raw, report=PATHS.validation, out=PATHS.processed)
     stage("train", "stage: train the U-Net, keep the best checkpoint", cmd_train,
           data=PATHS.processed, model=PATHS.model, history=PATHS.history)
     p = stage("evaluate", "stage: validation metrics, per-slice table, plots", cmd_evaluate,

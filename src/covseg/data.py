@@ -45,6 +45,8 @@ def _load_array(path: Path, channels: int) -> np.ndarray:
         )
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
         raise DataError(f"{path}: expected a numeric array, found dtype {array.dtype}")
+    if np.iscomplexobj(array):
+        raise DataError(f"{path}: complex values ({array.dtype}); expected real numbers (HU or 0/1 masks)")
     return array
 
 
@@ -82,6 +84,21 @@ def write_raw(directory: str | Path, images, masks, test_images, train_ids=None,
         }
         (tmp / SLICE_IDS).write_text(json.dumps(ids) + "\n")
     return Path(directory)
+
+
+def fingerprint(directory: str | Path) -> str:
+    """sha1 over the raw files' bytes: which data a validation report was made for."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name in (RAW_IMAGES, RAW_MASKS, RAW_TEST_IMAGES, SLICE_IDS):
+        path = Path(directory) / name
+        h.update(name.encode())
+        if path.is_file():
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+    return h.hexdigest()
 
 
 def copy_raw(source: str | Path, directory: str | Path) -> Path:

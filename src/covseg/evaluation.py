@@ -66,10 +66,14 @@ def per_slice_table(labels: np.ndarray, preds: np.ndarray, slice_ids) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def trivial_kaggle_f1(labels: np.ndarray) -> float:
-    """Best kaggle_f1 of a constant predictor (every pixel one class) on these labels: a floor to beat."""
-    return max(summary_metrics(confusion_matrix(labels, np.full_like(labels, c)))[KAGGLE_F1]
+def trivial_score(labels: np.ndarray, metric: str = KAGGLE_F1) -> float:
+    """Best `metric` of a constant predictor (every pixel one class) on these labels: a floor to beat."""
+    return max(summary_metrics(confusion_matrix(labels, np.full_like(labels, c)))[metric]
                for c in range(NUM_CLASSES))
+
+
+def trivial_kaggle_f1(labels: np.ndarray) -> float:
+    return trivial_score(labels, KAGGLE_F1)
 
 
 def score_model(model, images: np.ndarray, labels: np.ndarray, batch_size: int,

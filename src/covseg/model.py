@@ -23,6 +23,8 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES, base_channels: int = 16,
                  depth: int = 4, norm: str = "batch"):
         super().__init__()
+        if norm not in ("batch", "instance", "none"):
+            raise ValueError(f"model.norm must be batch, instance or none, got {norm!r}")
         self.config = dict(in_channels=in_channels, num_classes=num_classes,
                            base_channels=base_channels, depth=depth, norm=norm)
         widths = [base_channels * 2 ** i for i in range(depth + 1)]
@@ -38,6 +40,12 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(widths[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) of any H, W: padded (edge values) to a multiple of 2**depth, cropped back."""
+        h, w = x.shape[-2:]
+        m = 2 ** len(self.up)
+        pad_h, pad_w = -h % m, -w % m
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         skips = []
         for i, down in enumerate(self.down):
             x = down(x if i == 0 else F.max_pool2d(x, 2))
@@ -45,7 +53,7 @@ class UNet(nn.Module):
         x = skips.pop()
         for i in reversed(range(len(self.up))):
             x = self.dec[i](torch.cat([skips.pop(), self.up[i](x)], dim=1))
-        return self.head(x)
+        return self.head(x)[..., :h, :w]
 
 
 def build_model(m: ModelParams) -> UNet:

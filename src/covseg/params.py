@@ -20,7 +20,7 @@ from covseg.names import HEADLINE_METRICS, NUM_CLASSES, PATHS
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Synth(Section):
@@ -98,6 +98,9 @@ class Validate(Section):
     max_lesion_outside_body: float = Field(ge=0, le=1)
     body_hu: float
     lung_hu_mean_max: float
+    min_lung_fraction: float = Field(ge=0, le=1)
+    min_consolidation_minus_ggo_hu: float
+    near_duplicate_hu: float = Field(ge=0)
 
 
 class Tracking(Section):
@@ -108,6 +111,7 @@ class Registry(Section):
     model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     promotion_metric: Literal[HEADLINE_METRICS]  # type: ignore[valid-type]
     promotion_margin: float = Field(ge=0, le=1)
+    min_score: float = Field(ge=0, le=1)
 
 
 class Params(Section):
@@ -122,7 +126,7 @@ class Params(Section):
     tracking: Tracking
     registry: Registry
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False, populate_by_name=True)
 
     def tree(self) -> dict:
         """The params as plain data, keyed as in params.yaml."""

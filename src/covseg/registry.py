@@ -55,18 +55,25 @@ def _record(name: str, version: int, decision: dict) -> None:
 
 
 def promote(name: str, score: Callable[[str], float], margin: float, metric: str,
-            version: int | None = None) -> dict:
-    """Make `version` (default: the newest) the challenger, score it and the champion on the same data
-    with `score(model_uri)`, and move `champion` to it only if it beats the champion by `margin`."""
+            version: int | None = None, min_score: float = 0.0, floor: float | None = None) -> dict:
+    """Score `version` (default: the newest) and the champion on the same data with `score(model_uri)`;
+    the scored version becomes the challenger, and the champion only if it beats the champion by `margin`.
+    With no champion yet, a version must reach `min_score` and beat `floor` (the constant predictor's)."""
     client = MlflowClient()
     challenger = version or latest_version(name)
-    client.set_registered_model_alias(name, CHALLENGER, challenger)
     champion = aliases(name).get(CHAMPION)
     decision = {"challenger": challenger, "champion_before": champion, "metric": metric, "margin": margin,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    decision["challenger_score"] = score(f"models:/{name}/{challenger}")
+    decision["challenger_score"] = s = score(f"models:/{name}/{challenger}")
+    client.set_registered_model_alias(name, CHALLENGER, challenger)  # only once it has a score
     if champion is None:
-        promoted, reason = True, "no champion yet"
+        if s < min_score:
+            promoted, reason = False, f"no champion yet, and {metric} {s:.4f} is below registry.min_score {min_score}"
+        elif floor is not None and s <= floor:
+            promoted, reason = False, (f"no champion yet, and {metric} {s:.4f} does not beat the constant "
+                                       f"predictor ({floor:.4f})")
+        else:
+            promoted, reason = True, f"no champion yet; {metric} {s:.4f} passes the floor"
     elif champion == challenger:
         promoted, reason = False, f"version {challenger} is already the champion"
     else:
@@ -99,7 +106,7 @@ def run_promotion(processed: str | Path, reg: Registry, ev: Evaluate, tracking: 
     """`covseg promote`: the gate on the validation data in `processed`, or (`force` with `version`)
     a promotion or roll-back by hand. Returns the decision."""
     from covseg import tracking as tracking_store
-    from covseg.evaluation import score_model, summary_metrics
+    from covseg.evaluation import score_model, summary_metrics, trivial_score
     from covseg.model import load_model, pick_device
     from covseg.preprocessing import load_processed
 
@@ -115,4 +122,5 @@ def run_promotion(processed: str | Path, reg: Registry, ev: Evaluate, tracking: 
         model, _ = load_model(uri, dev)
         return summary_metrics(score_model(model, images, labels, ev.batch_size, dev)[1])[reg.promotion_metric]
 
-    return promote(reg.model_name, score, reg.promotion_margin, reg.promotion_metric, version)
+    return promote(reg.model_name, score, reg.promotion_margin, reg.promotion_metric, version,
+                   min_score=reg.min_score, floor=trivial_score(labels, reg.promotion_metric))

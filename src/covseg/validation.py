@@ -21,6 +21,8 @@ from covseg.names import NUM_CLASSES, PARTS, RAW_IMAGES, RAW_MASKS, RAW_TEST_IMA
 from covseg.params import Validate
 from covseg.preprocessing import load_split
 
+MIN_FINDING_PIXELS = 50  # a finding this small says nothing about its density
+
 
 class ContractError(DataError):
     """Data broke a contract; `report` holds the machine-readable result."""
@@ -67,7 +69,32 @@ def _mask_facts(mask: np.ndarray, image: np.ndarray | None, body_hu: float) -> d
         facts["lesion_outside_body"] = float((lesion & ~body).sum() / max(lesion.sum(), 1))
         lung = (labels == 2) & body
         facts["lung_hu_mean"] = float(hu[lung].mean()) if lung.any() else -1000.0
+        # consolidation is denser than ground glass; where a slice has enough of both, compare them
+        ggo, cons = labels == 0, labels == 1
+        enough = ggo.sum() >= MIN_FINDING_PIXELS and cons.sum() >= MIN_FINDING_PIXELS
+        facts["consolidation_minus_ggo_hu"] = float(hu[cons].mean() - hu[ggo].mean()) if enough else None
+    facts["frac_lung"] = float((labels <= 2).mean())  # lung, findings included
     return facts
+
+
+def _thumbnails(images: np.ndarray, side: int = 64) -> np.ndarray:
+    """(N, H, W) HU -> (N, side', side') block means of the HU clipped to [-1000, 400] (a CT window)."""
+    n, h, w = images.shape
+    f = max(1, min(h, w) // side)
+    cropped = np.clip(np.nan_to_num(images[:, : h // f * f, : w // f * f].astype(np.float32), nan=-1000.0),
+                      -1000, 400)
+    return cropped.reshape(n, h // f, f, w // f, f).mean((2, 4))
+
+
+def nearest_slice_distance(images: np.ndarray) -> np.ndarray:
+    """Per slice: mean absolute HU difference (on thumbnails) to the most similar other slice."""
+    thumbs = _thumbnails(images).reshape(len(images), -1)
+    out = np.full(len(images), np.inf)
+    for i in range(len(images)):
+        d = np.abs(thumbs - thumbs[i]).mean(1)
+        d[i] = np.inf
+        out[i] = d.min()
+    return out
 
 
 def raw_facts(raw: RawData, body_hu: float) -> pd.DataFrame:
@@ -88,7 +115,12 @@ def raw_facts(raw: RawData, body_hu: float) -> pd.DataFrame:
         rows.append({"file": RAW_TEST_IMAGES, "index": i, "role": "test", "slice_id": raw.test_ids[i],
                      "has_image": True, "has_mask": True,
                      **_image_facts(np.asarray(raw.test_images[i, ..., 0]))})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if raw.images.shape[1:] == raw.test_images.shape[1:]:  # else the geometry expectations fail
+        every = np.concatenate([np.asarray(raw.images[..., 0]), np.asarray(raw.test_images[..., 0])])
+        nearest = nearest_slice_distance(every)
+        table.loc[table["has_image"], "nearest_slice_hu"] = nearest
+    return table
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +170,14 @@ def raw_expectations(facts: pd.DataFrame, raw: RawData, v: Validate) -> list:
                                           meta={"check": "'lungs other' labels lie on lung-dark pixels "
                                                          "(mask matches image)"}),
         gxe.ExpectColumnValuesToBeUnique(column="hash", meta={"check": "no duplicate slices (train or test)"}),
+        gxe.ExpectColumnValuesToBeBetween(column="frac_lung", min_value=v.min_lung_fraction, **cond,
+                                          meta={"check": "labelled slices show lung (labels not wiped)"}),
+        gxe.ExpectColumnValuesToBeBetween(column="consolidation_minus_ggo_hu",
+                                          min_value=v.min_consolidation_minus_ggo_hu, **cond,
+                                          meta={"check": "consolidation is denser than ground glass "
+                                                         "(finding channels not swapped)"}),
+        gxe.ExpectColumnValuesToBeBetween(column="nearest_slice_hu", min_value=v.near_duplicate_hu,
+                                          meta={"check": "no near-copies among the slices (train or test)"}),
     ]
 
 
@@ -229,7 +269,8 @@ def validate_processed(directory: str | Path, folds: int, n_labelled: int, n_wit
         labels = np.load(labels_path, mmap_mode="r") if labels_path.exists() else None
         for i in range(len(images)):
             rows.append({"part": part, "file": processed_file(part, "images"), "index": i,
-                         "min": float(np.min(images[i])), "max": float(np.max(images[i])),
+                         "nonfinite": int((~np.isfinite(images[i])).sum()),
+                         "min": float(np.nanmin(images[i])), "max": float(np.nanmax(images[i])),
                          "label_min": int(labels[i].min()) if labels is not None else 0,
                          "label_max": int(labels[i].max()) if labels is not None else 0})
     table = pd.DataFrame(rows)
@@ -242,6 +283,8 @@ def validate_processed(directory: str | Path, folds: int, n_labelled: int, n_wit
     table["val_with_consolidation"] = split["val_with_consolidation"]
     table["train_with_consolidation"] = split["train_with_consolidation"]
     expectations = [
+        gxe.ExpectColumnValuesToBeBetween(column="nonfinite", max_value=0,
+                                          meta={"check": "every input is finite (no NaN or inf)"}),
         gxe.ExpectColumnValuesToBeBetween(column="min", min_value=0.0, meta={"check": "inputs within [0, 1]"}),
         gxe.ExpectColumnValuesToBeBetween(column="max", max_value=1.0, meta={"check": "inputs within [0, 1]"}),
         gxe.ExpectColumnValuesToBeBetween(column="label_min", min_value=0, meta={"check": "class indices in 0..3"}),
