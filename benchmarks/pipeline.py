@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from covseg import shell
+from covseg.atomic import atomic_output, write_json
 from covseg.names import HEADLINE_METRICS, PATHS, STAGES
 from covseg.params import apply_overrides, read_tree
 
@@ -63,9 +64,7 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d"), "stages": rows,
               "total_seconds": round(sum(r["seconds"] for r in rows), 1),
               "metrics": {k: metrics[k] for k in (*HEADLINE_METRICS, "trivial_kaggle_f1", "best_epoch", "val_slices")}}
-    out = ROOT / "benchmarks" / "results" / f"{args.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_json(result, ROOT / "benchmarks" / "results" / f"{args.name}.json")
     lines = [f"# {args.name}: {result['machine']}, {result['date']}", "",
              f"`python benchmarks/pipeline.py --data {args.data} {' '.join('-S ' + s for s in args.set)}`", "",
              "| stage | wall time (s) | peak RSS (MB) |", "|---|---|---|"]
@@ -73,7 +72,8 @@ def main() -> None:
     lines += [f"| **total** | {result['total_seconds']} | |", "",
               "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result["metrics"].items()]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    with atomic_output(out.with_suffix(".md")) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()
+    from covseg.atomic import write_json
     from covseg.names import KAGGLE_F1, PATHS, SHORT
     from covseg.params import load_params
 
@@ -40,7 +41,7 @@ def main() -> None:
         from covseg.model import Segmenter, build_model
         model = Segmenter(build_model(params.model), params.train.scale)
         t = time.perf_counter()
-        run = tracking.start_training_run(params)
+        run = tracking.start_training_run(params.tracking.experiment, params.flat())
         times["start run + log all params"] = time.perf_counter() - t
         t = time.perf_counter()
         for epoch in range(1, args.epochs + 1):
@@ -63,8 +64,7 @@ def main() -> None:
         times["evaluate: metrics, 8 figures, register version"] = time.perf_counter() - t
     result = {"seconds": {k: round(v, 2) for k, v in times.items()},
               "total_seconds": round(sum(times.values()), 1), "epochs": args.epochs, "size": args.size}
-    out = ROOT / "benchmarks" / "results" / "tracking_overhead.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(result, ROOT / "benchmarks" / "results" / "tracking_overhead.json")
     print(json.dumps(result, indent=1))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -23,8 +24,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-# before Prefect reads its settings: telemetry off, and time for a local (ephemeral) server's first start
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+import yaml
+
+import covseg  # noqa: F401  (first: it turns telemetry off before Prefect reads its settings)
+
+# time for a local (ephemeral) server's first start on a small machine
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 from prefect import flow, get_run_logger, task
@@ -49,9 +53,26 @@ def resolve_repo(repo: str | None) -> Path:
 
 
 def checked_overrides(repo: Path, overrides: dict | None) -> tuple[dict, Params]:
-    """Overrides checked against the repository's params.yaml and schema (before anything runs)."""
+    """Overrides checked against the params.yaml of the repository's HEAD (what a working copy runs) and
+    the schema, before anything runs."""
+    committed = shell.run(["git", "show", f"HEAD:{PATHS.params}"], repo, check=False)
+    tree = yaml.safe_load(committed.stdout) if committed.returncode == 0 else read_tree(repo / PATHS.params)
     overrides = dict(overrides or {})
-    return overrides, apply_overrides(read_tree(repo / PATHS.params), overrides, "flow overrides")[1]
+    return overrides, apply_overrides(tree, overrides, "flow overrides")[1]
+
+
+def checked_deployment(deployment: str | None) -> str | None:
+    """The deployment a fan-out flow may launch: a `train/...` deployment (or none: run locally)."""
+    if deployment is not None and not re.fullmatch(r"train/[A-Za-z0-9_-]+", deployment):
+        raise ParamsError(f"deployment {deployment!r} is not allowed: sweeps and cross-validation launch "
+                          f"train/<name> deployments only")
+    return deployment
+
+
+def experiment_name(flow_run_name: str | None, t0: float) -> str:
+    """A DVC experiment (git ref) name from the flow run's name: letters, digits and '-' only."""
+    cleaned = re.sub(r"[^A-Za-z0-9-]+", "-", flow_run_name or "local").strip("-")[:60] or "run"
+    return f"{cleaned}-{int(t0)}"
 
 
 def override_args(overrides: dict) -> list[str]:
@@ -130,7 +151,7 @@ def run_pipeline(work: Path, overrides: dict, name: str, uri: str) -> dict:
 @task
 def promotion_gate(work: Path, version: int, uri: str) -> dict:
     """`covseg promote --version N` against the champion, on this copy's validation data."""
-    decision = work / "promotion.json"
+    decision = work / ".promotion.json"
     shell.run(["covseg", "promote", "--version", str(int(version)), "--output", str(decision)], work,
               {ENV_TRACKING_URI: uri})
     return json.loads(decision.read_text())
@@ -175,7 +196,7 @@ def train(overrides: dict | None = None, repo: str | None = None, promote: bool 
     repo_path = resolve_repo(repo)
     overrides, params = checked_overrides(repo_path, overrides)
     uri = tracking.tracking_uri(repo_path)
-    name = f"{flow_run.get_name() or 'local'}-{int(t0)}".replace("_", "-")
+    name = experiment_name(flow_run.get_name(), t0)
     with working_copy(repo_path) as work:
         data = pull_data(work)
         if only_if_data_changed and data == champion_data_version(uri, params.registry.model_name):
@@ -210,6 +231,7 @@ def sweep(param_sets: list[dict], repo: str | None = None, deployment: str | Non
           promote: bool = True) -> list[dict]:
     """Train every param set (in parallel over the pool's workers), tabulate, promote the best."""
     repo_path = resolve_repo(repo)
+    deployment = checked_deployment(deployment)
     table = results_table(_fan_out(param_sets, repo_path, deployment))
     print(table.to_string())
     rows = table.to_dict(orient="records")
@@ -227,6 +249,7 @@ def cross_validate(folds: int = 5, overrides: dict | None = None, repo: str | No
                    deployment: str | None = "train/gpu") -> dict:
     """k-fold cross-validation: fold i of `split.folds` = k as validation, all folds at once."""
     repo_path = resolve_repo(repo)
+    deployment = checked_deployment(deployment)
     sets = [{**(overrides or {}), "split.folds": folds, "split.fold": i} for i in range(folds)]
     rows = _fan_out(sets, repo_path, deployment)
     summary = {**fold_summary([r[KAGGLE_F1] for r in rows]), "runs": rows}

@@ -7,19 +7,17 @@ import pytest
 
 from covseg.errors import ParamsError
 from covseg.names import ENV_REPO
-
-pipeline = pytest.importorskip("flows.pipeline")
+from flows import pipeline
 
 
 @pytest.fixture(scope="module", autouse=True)
 def harness(tmp_path_factory):
-    import os
-
     from prefect.testing.utilities import prefect_test_harness
 
-    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+        with prefect_test_harness(server_startup_timeout=90):
+            yield
 
 
 @pytest.fixture
@@ -103,6 +101,19 @@ def test_cross_validate_runs_every_fold_and_summarises(fake_pipeline):
     assert runs == [{"train.epochs": 1, "split.folds": 3, "split.fold": i} for i in range(3)]
     assert summary["folds"] == 3 and summary["kaggle_f1_mean"] == pytest.approx(0.6)
     assert "promote" not in [c[0] for c in fake_pipeline]
+
+
+@pytest.mark.parametrize("deployment", ["sweep/control", "train/gpu; rm -rf /", "other/x"])
+def test_fan_out_launches_train_deployments_only(fake_pipeline, deployment):
+    with pytest.raises(ParamsError, match="is not allowed: sweeps and cross-validation launch"):
+        pipeline.cross_validate(folds=2, deployment=deployment)
+    assert fake_pipeline == []
+
+
+def test_experiment_names_are_safe_git_refs():
+    assert pipeline.experiment_name("-x; rm _y", 5) == "x-rm-y-5"
+    assert pipeline.experiment_name(None, 5) == "local-5"
+    assert pipeline.experiment_name("---", 5) == "run-5"
 
 
 def test_sweep_refuses_every_set_before_running_any(fake_pipeline):

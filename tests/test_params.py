@@ -23,6 +23,8 @@ def test_project_params_are_valid(params):
     ("train.device", "cuda; rm -rf /", r"train\.device = 'cuda; rm -rf /' is not allowed"),
     ("registry.model_name", "x' or name='y", r"registry\.model_name = .* is not allowed"),
     ("registry.promotion_metric", "loss", r"registry\.promotion_metric = 'loss' is not allowed"),
+    ("train.lr", float("inf"), r"train\.lr = inf is not allowed: Input should be a finite number"),
+    ("validate.body_hu", float("nan"), r"validate\.body_hu = nan is not allowed"),
 ])
 def test_bad_value_is_one_error_naming_key_value_and_rule(key, value, message):
     with pytest.raises(ParamsError, match=message) as info:
@@ -53,13 +55,13 @@ def test_override_returns_a_checked_copy(params):
     assert params.train.epochs != 3, "the original is unchanged"
 
 
-def test_cli_refuses_bad_params_before_any_work(tmp_path, capsys):
+def test_cli_refuses_bad_params_before_any_work(tmp_path, tiny_raw, capsys):
     tree = read_tree()
     tree["split"]["fold"] = 9
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
-    raw = tmp_path / "raw"
-    assert main(["--params", str(tmp_path / "params.yaml"), "preprocess", "--raw", str(raw),
-                 "--out", str(tmp_path / "out")]) == 1
+    assert main(["validate", "--raw", str(tiny_raw), "--report", str(tmp_path / "report.json")]) == 0
+    assert main(["--params", str(tmp_path / "params.yaml"), "preprocess", "--raw", str(tiny_raw),
+                 "--report", str(tmp_path / "report.json"), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "covseg preprocess: error:" in err and "split.fold = 9 is not allowed" in err
     assert not (tmp_path / "out").exists()

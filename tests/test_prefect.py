@@ -44,18 +44,21 @@ def test_train_deployment_runs_on_gpu_pool_workers(new_project, prefect_env):
         runs = client.search_runs([client.get_experiment_by_name("covseg").experiment_id])
         assert len(runs) == 1 and runs[0].data.tags["prefect_flow_run_id"]
         assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 2
-        assert client.get_registered_model("covseg-unet").aliases == {"challenger": "1", "champion": "1"}
-        refs = shell.run(["git", "for-each-ref"], project).stdout
+        decision = json.loads(client.get_model_version("covseg-unet", "1").tags["promotion"])
+        aliases = client.get_registered_model("covseg-unet").aliases
+        assert aliases == ({"challenger": "1", "champion": "1"} if decision["promoted"] else {"challenger": "1"})
+        refs = shell.run(["git", "for-each-ref", "refs/exps"], project).stdout
         assert "refs/exps" in refs, "the experiment came back to the repository"
 
-        # a bad override is refused before anything runs: no version, champion unchanged
+        # a bad override is refused before anything runs: no experiment, run or version; champion unchanged
         failed = _prefect(["deployment", "run", "train/gpu", "--params",
                            json.dumps({"overrides": {"dvc.yaml:stages.train.cmd": "touch pwned"}}), "--watch"],
                           project, env, check=False)
         assert "Failed" in failed.stdout + failed.stderr
-        assert not (project / "pwned").exists()
+        assert shell.run(["git", "for-each-ref", "refs/exps"], project).stdout == refs
+        assert len(client.search_runs([runs[0].info.experiment_id])) == 1
         assert len(client.search_model_versions("name='covseg-unet'")) == 1
-        assert client.get_registered_model("covseg-unet").aliases["champion"] == "1"
+        assert client.get_registered_model("covseg-unet").aliases == aliases
 
         # a sweep fans out over both workers and promotes the best
         start = time.time()
@@ -65,7 +68,10 @@ def test_train_deployment_runs_on_gpu_pool_workers(new_project, prefect_env):
         sweep_time = time.time() - start
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         rows = json.loads(proc.stdout[proc.stdout.index("[\n"):])
-        assert len(rows) == 2 and rows[0]["kaggle_f1"] >= rows[1]["kaggle_f1"]
+        assert sorted(r["params"]["train.lr"] for r in rows) == [0.002, 0.004]
+        for row in rows:  # each row is its own MLflow run's result
+            assert client.get_run(row["mlflow_run_id"]).data.metrics["kaggle_f1"] == row["kaggle_f1"]
+            assert client.get_run(row["mlflow_run_id"]).data.params["train.lr"] == str(row["params"]["train.lr"])
         assert rows[0]["promotion"]["challenger"] == rows[0]["model_version"]
         assert isinstance(rows[0]["promotion"]["promoted"], bool)
         assert len(client.search_model_versions("name='covseg-unet'")) == 3
@@ -74,8 +80,8 @@ def test_train_deployment_runs_on_gpu_pool_workers(new_project, prefect_env):
 
 def test_cross_validate_runs_locally_without_a_server(new_project, tmp_path):
     project = new_project({"train.epochs": 1})
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", ENV_DEPLOYMENT, ENV_REPO))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = {k: None for k in os.environ if k.startswith(("PREFECT_API", ENV_DEPLOYMENT, ENV_REPO))}  # removed
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"))
     proc = shell.run([sys.executable, "-m", "flows.pipeline", "cross_validate", "2"], project, env, check=False,
                      timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

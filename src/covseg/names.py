@@ -31,6 +31,7 @@ PATHS = SimpleNamespace(
 # Raw files (the Kaggle layout) and processed files.
 RAW_IMAGES, RAW_MASKS, RAW_TEST_IMAGES, SLICE_IDS = (
     "images_medseg.npy", "masks_medseg.npy", "test_images_medseg.npy", "slice_ids.json")
+SUBMISSION_CSV, TEST_MASKS = "submission.csv", "test_masks.npy"  # in PATHS.submission
 PARTS = ("train", "val", "test")
 SPLIT_FILE = "split.json"
 
@@ -51,3 +52,4 @@ ENV_FLOW_RUN = "COVSEG_PREFECT_FLOW_RUN_ID"  # set by the flows, becomes TAG_FLO
 ENV_REPO = "COVSEG_REPO"                    # the checkout the Prefect workers run in
 ENV_DEPLOYMENT = "COVSEG_DEPLOYMENT"        # the deployment sweep / cross_validate fan out to
 ENV_REAL_DATA = "COVSEG_REAL_DATA"          # tests: a Kaggle-layout folder of real slices
+ENV_DVC_ROOT, ENV_DVC_EXP_NAME = "DVC_ROOT", "DVC_EXP_NAME"  # set by DVC for the stages it runs

@@ -17,6 +17,8 @@ from mlflow import MlflowClient
 from covseg import shell
 from covseg.data import data_version
 from covseg.names import (
+    ENV_DVC_EXP_NAME,
+    ENV_DVC_ROOT,
     ENV_FLOW_RUN,
     ENV_TRACKING_URI,
     HEADLINE_METRICS,
@@ -27,14 +29,13 @@ from covseg.names import (
     TAG_FLOW_RUN,
     TAG_GIT_COMMIT,
 )
-from covseg.params import Params
 
 
 def project_root(start: str | Path | None = None) -> Path:
     """DVC_ROOT under DVC, else the nearest folder upwards from `start` (default: the current folder)
     that holds .dvc/, else `start` itself."""
-    if start is None and os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
+    if start is None and os.environ.get(ENV_DVC_ROOT):
+        return Path(os.environ[ENV_DVC_ROOT]).resolve()
     here = Path(start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / ".dvc").is_dir():
@@ -63,17 +64,21 @@ def configure(experiment: str, uri: str | None = None) -> str:
 def run_tags() -> dict:
     """Tags that tie a run to its code, data version and DVC experiment."""
     here = Path.cwd()
-    commit = shell.run(["git", "rev-parse", "HEAD"], here, check=False).stdout.strip()
+    try:
+        commit = shell.run(["git", "rev-parse", "HEAD"], here, check=False).stdout.strip()
+    except OSError:  # no git on this machine
+        commit = ""
     return {TAG_GIT_COMMIT: commit, TAG_DATA_VERSION: data_version(here / PATHS.dvc_file),
-            TAG_DVC_EXP: os.environ.get("DVC_EXP_NAME", ""), TAG_DVC_ROOT: str(project_root()),
+            TAG_DVC_EXP: os.environ.get(ENV_DVC_EXP_NAME, ""), TAG_DVC_ROOT: str(project_root()),
             TAG_FLOW_RUN: os.environ.get(ENV_FLOW_RUN, "")}
 
 
-def start_training_run(params: Params):
-    """Start the training stage's run with all params (flattened) and the tags above."""
-    configure(params.tracking.experiment)
-    run = mlflow.start_run(run_name=os.environ.get("DVC_EXP_NAME") or None, tags=run_tags())
-    mlflow.log_params(params.flat())
+def start_training_run(experiment: str, logged_params: dict):
+    """Start the training stage's run in `experiment` with `logged_params` ({"train.lr": ...}) and the
+    tags above."""
+    configure(experiment)
+    run = mlflow.start_run(run_name=os.environ.get(ENV_DVC_EXP_NAME) or None, tags=run_tags())
+    mlflow.log_params(logged_params)
     return run
 
 

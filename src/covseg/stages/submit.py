@@ -13,13 +13,13 @@ from covseg import tracking
 from covseg.atomic import atomic_output
 from covseg.data import index_to_one_hot
 from covseg.model import load_model, pick_device, predict_labels
-from covseg.names import SCORED
+from covseg.names import SCORED, SUBMISSION_CSV, TEST_MASKS
 from covseg.params import Tracking
 from covseg.preprocessing import load_processed
 from covseg.submission import submission_table, write_submission
 from covseg.validation import validate_submission
 
-CSV, MASKS = "submission.csv", "test_masks.npy"
+CSV, MASKS = SUBMISSION_CSV, TEST_MASKS
 
 
 def run(data: str | Path, model: str | Path, out: str | Path, batch_size: int, trk: Tracking,

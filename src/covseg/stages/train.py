@@ -9,23 +9,24 @@ from covseg import tracking
 from covseg.atomic import atomic_output
 from covseg.model import load_checkpoint, save_checkpoint
 from covseg.names import TAG_BEST_EPOCH
-from covseg.params import Params
+from covseg.params import ModelParams, Tracking, Train
 from covseg.preprocessing import load_processed
 from covseg.training import train
 
 
-def run(data: str | Path, model: str | Path, history: str | Path, params: Params) -> dict:
+def run(data: str | Path, model: str | Path, history: str | Path, seed: int, m: ModelParams, t: Train,
+        trk: Tracking, logged_params: dict) -> dict:
     """Train on `data`; write the best checkpoint to `model` and the per-epoch history to `history`.
 
-    Reads params.seed, .model, .train and .tracking; logs all of `params` to the MLflow run.
+    An MLflow run in `trk.experiment` records `logged_params` (the command line passes all of
+    params.yaml, flattened), every epoch's metrics, the model and the history.
     Returns {"model", "history", "best_epoch", "val_kaggle_f1", "mlflow_run_id"}.
     """
     x_train, y_train = load_processed(data, "train")
     x_val, y_val = load_processed(data, "val")
-    with tracking.start_training_run(params) as mlflow_run:
+    with tracking.start_training_run(trk.experiment, logged_params) as mlflow_run:
         with atomic_output(model) as partial, atomic_output(history) as history_tmp:
-            table = train(params.train, params.model, params.seed, x_train, y_train, x_val, y_val, partial,
-                          on_epoch=tracking.log_epoch)
+            table = train(t, m, seed, x_train, y_train, x_val, y_val, partial, on_epoch=tracking.log_epoch)
             net, ckpt = load_checkpoint(partial)
             model_uri = tracking.log_model(net, x_val.shape[1:])
             save_checkpoint(net, partial, epoch=ckpt["epoch"], val_kaggle_f1=ckpt["val_kaggle_f1"],
