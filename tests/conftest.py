@@ -98,8 +98,10 @@ def sh():
 
 @pytest.fixture
 def new_project(tmp_path):
-    """new_project(overrides={}): a fresh git + DVC project with TINY params and `overrides` on top."""
-    return lambda overrides=None: make_project(tmp_path / "project", {**TINY, **(overrides or {})})
+    """new_project(overrides={}, tiny=True): a fresh git + DVC project with `overrides` on top of TINY
+    params (or of the project's own params, with tiny=False)."""
+    return lambda overrides=None, tiny=True: make_project(tmp_path / "project",
+                                                          {**(TINY if tiny else {}), **(overrides or {})})
 
 
 @pytest.fixture

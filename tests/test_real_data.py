@@ -13,7 +13,8 @@ pytestmark = [pytest.mark.slow,
 
 
 def test_pipeline_on_real_data_beats_a_trivial_predictor(new_project, sh):
-    project = new_project({"synth.n_labelled": 5, "synth.n_test": 1, "synth.size": 64})
+    # the project's own model and training params (3 epochs); tiny synthetic data only until the import
+    project = new_project({"synth.n_labelled": 5, "synth.n_test": 1, "synth.size": 64}, tiny=False)
     sh(f"covseg data import {REAL}", project)
     sh("git add -A && git commit -qm 'real data'", project)
     sh("dvc exp run -S train.epochs=3", project)
