@@ -85,15 +85,17 @@ def prefect_server(root: Path, env: dict):
 
 
 @contextmanager
-def prefect_workers(root: Path, env: dict, pool: str, count: int):
-    """`count` process workers on `pool`, one flow run at a time each (one per GPU)."""
+def prefect_workers(root: Path, env: dict, pool: str, count: int, pins: list[str] | None = None):
+    """`count` process workers on `pool`, one flow run at a time each (one per GPU); worker i is started
+    with CUDA_VISIBLE_DEVICES=pins[i] when `pins` are given, as infra/start-gpu-worker.sh pins them."""
     procs = []
     try:
         for i in range(count):
             log = open(root / f"worker-{i}.log", "w")
+            pin = {"CUDA_VISIBLE_DEVICES": pins[i]} if pins else {}
             procs.append(subprocess.Popen(
                 [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1", "--name", f"worker-{i}"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env}))
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env, **pin}))
         yield procs
     finally:
         for proc in procs:  # workers before the server

@@ -31,7 +31,8 @@ def test_train_deployment_runs_on_gpu_pool_workers(new_project, prefect_env):
     shown = _prefect(["deployment", "ls"], project, env).stdout
     assert "train/gpu" in shown and "train/nightly" in shown
 
-    with workers(env, "gpu", 2):
+    pins = ["", "1"]  # a CPU-only worker and a worker pinned to GPU 1 (no GPU here: both run on the CPU)
+    with workers(env, "gpu", 2, pins):
         # one run, triggered as a user would
         start = time.time()
         done = _prefect(["deployment", "run", "train/gpu", "--params",
@@ -73,6 +74,10 @@ def test_train_deployment_runs_on_gpu_pool_workers(new_project, prefect_env):
             assert client.get_run(row["mlflow_run_id"]).data.metrics["kaggle_f1"] == row["kaggle_f1"]
             assert client.get_run(row["mlflow_run_id"]).data.params["train.lr"] == str(row["params"]["train.lr"])
         assert rows[0]["promotion"]["challenger"] == rows[0]["model_version"]
+        # each run used its worker's pinning, never a deployment's
+        seen = [client.get_run(r.info.run_id).data.tags["cuda_visible_devices"]
+                for r in client.search_runs([runs[0].info.experiment_id])]
+        assert len(seen) == 3 and set(seen) <= set(pins), seen
         assert isinstance(rows[0]["promotion"]["promoted"], bool)
         assert len(client.search_model_versions("name='covseg-unet'")) == 3
         print(f"one run {one_run:.0f}s; sweep of 2 over 2 workers {sweep_time:.0f}s")

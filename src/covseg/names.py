@@ -44,6 +44,7 @@ def processed_file(part: str, kind: str) -> str:
 # MLflow tags and registry aliases.
 TAG_GIT_COMMIT, TAG_DATA_VERSION, TAG_DVC_EXP, TAG_DVC_ROOT = "git_commit", "data_version", "dvc_exp_name", "dvc_root"
 TAG_FLOW_RUN, TAG_BEST_EPOCH, TAG_PROMOTION = "prefect_flow_run_id", "best_epoch", "promotion"
+TAG_CUDA_DEVICES = "cuda_visible_devices"  # the GPUs the run was pinned to ("(unset)": all it could see)
 CHALLENGER, CHAMPION = "challenger", "champion"
 
 # Environment variables covseg reads.
@@ -53,3 +54,4 @@ ENV_REPO = "COVSEG_REPO"                    # the checkout the Prefect workers r
 ENV_DEPLOYMENT = "COVSEG_DEPLOYMENT"        # the deployment sweep / cross_validate fan out to
 ENV_REAL_DATA = "COVSEG_REAL_DATA"          # tests: a Kaggle-layout folder of real slices
 ENV_DVC_ROOT, ENV_DVC_EXP_NAME = "DVC_ROOT", "DVC_EXP_NAME"  # set by DVC for the stages it runs
+ENV_CUDA_DEVICES = "CUDA_VISIBLE_DEVICES"  # a GPU worker's pinning (infra/start-gpu-worker.sh)

@@ -17,12 +17,14 @@ from mlflow import MlflowClient
 from covseg import shell
 from covseg.data import data_version
 from covseg.names import (
+    ENV_CUDA_DEVICES,
     ENV_DVC_EXP_NAME,
     ENV_DVC_ROOT,
     ENV_FLOW_RUN,
     ENV_TRACKING_URI,
     HEADLINE_METRICS,
     PATHS,
+    TAG_CUDA_DEVICES,
     TAG_DATA_VERSION,
     TAG_DVC_EXP,
     TAG_DVC_ROOT,
@@ -70,7 +72,8 @@ def run_tags() -> dict:
         commit = ""
     return {TAG_GIT_COMMIT: commit, TAG_DATA_VERSION: data_version(here / PATHS.dvc_file),
             TAG_DVC_EXP: os.environ.get(ENV_DVC_EXP_NAME, ""), TAG_DVC_ROOT: str(project_root()),
-            TAG_FLOW_RUN: os.environ.get(ENV_FLOW_RUN, "")}
+            TAG_FLOW_RUN: os.environ.get(ENV_FLOW_RUN, ""),
+            TAG_CUDA_DEVICES: os.environ.get(ENV_CUDA_DEVICES, "(unset)")}
 
 
 def start_training_run(experiment: str, logged_params: dict):
