@@ -100,7 +100,9 @@ class Validate(Section):
     lung_hu_mean_max: float
     min_lung_fraction: float = Field(ge=0, le=1)
     min_consolidation_minus_ggo_hu: float
+    min_finding_pixels: int = Field(ge=1)
     near_duplicate_hu: float = Field(ge=0)
+    thumbnail_size: int = Field(ge=8)
 
 
 class Tracking(Section):

@@ -21,8 +21,6 @@ from covseg.names import NUM_CLASSES, PARTS, RAW_IMAGES, RAW_MASKS, RAW_TEST_IMA
 from covseg.params import Validate
 from covseg.preprocessing import load_split
 
-MIN_FINDING_PIXELS = 50  # a finding this small says nothing about its density
-
 
 class ContractError(DataError):
     """Data broke a contract; `report` holds the machine-readable result."""
@@ -51,7 +49,8 @@ def _image_facts(image: np.ndarray) -> dict:
     }
 
 
-def _mask_facts(mask: np.ndarray, image: np.ndarray | None, body_hu: float) -> dict:
+def _mask_facts(mask: np.ndarray, image: np.ndarray | None, body_hu: float,
+                min_finding_pixels: int) -> dict:
     binary = np.isin(mask, (0, 1))
     counts = mask.astype(np.int64).sum(-1)
     labels = np.argmax(mask, -1)
@@ -71,13 +70,13 @@ def _mask_facts(mask: np.ndarray, image: np.ndarray | None, body_hu: float) -> d
         facts["lung_hu_mean"] = float(hu[lung].mean()) if lung.any() else -1000.0
         # consolidation is denser than ground glass; where a slice has enough of both, compare them
         ggo, cons = labels == 0, labels == 1
-        enough = ggo.sum() >= MIN_FINDING_PIXELS and cons.sum() >= MIN_FINDING_PIXELS
+        enough = ggo.sum() >= min_finding_pixels and cons.sum() >= min_finding_pixels
         facts["consolidation_minus_ggo_hu"] = float(hu[cons].mean() - hu[ggo].mean()) if enough else None
     facts["frac_lung"] = float((labels <= 2).mean())  # lung, findings included
     return facts
 
 
-def _thumbnails(images: np.ndarray, side: int = 64) -> np.ndarray:
+def _thumbnails(images: np.ndarray, side: int) -> np.ndarray:
     """(N, H, W) HU -> (N, side', side') block means of the HU clipped to [-1000, 400] (a CT window)."""
     n, h, w = images.shape
     f = max(1, min(h, w) // side)
@@ -86,9 +85,10 @@ def _thumbnails(images: np.ndarray, side: int = 64) -> np.ndarray:
     return cropped.reshape(n, h // f, f, w // f, f).mean((2, 4))
 
 
-def nearest_slice_distance(images: np.ndarray) -> np.ndarray:
-    """Per slice: mean absolute HU difference (on thumbnails) to the most similar other slice."""
-    thumbs = _thumbnails(images).reshape(len(images), -1)
+def nearest_slice_distance(images: np.ndarray, side: int) -> np.ndarray:
+    """Per slice: mean absolute HU difference (on thumbnails of about `side` pixels) to the most similar
+    other slice."""
+    thumbs = _thumbnails(images, side).reshape(len(images), -1)
     out = np.full(len(images), np.inf)
     for i in range(len(images)):
         d = np.abs(thumbs - thumbs[i]).mean(1)
@@ -97,7 +97,7 @@ def nearest_slice_distance(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def raw_facts(raw: RawData, body_hu: float) -> pd.DataFrame:
+def raw_facts(raw: RawData, v: Validate) -> pd.DataFrame:
     """One row per slice of the three raw files, with image and (for labelled slices) mask facts."""
     rows = []
     n_img, n_mask = len(raw.images), len(raw.masks)
@@ -109,7 +109,7 @@ def raw_facts(raw: RawData, body_hu: float) -> pd.DataFrame:
         if image is not None:
             row.update(_image_facts(image))
         if i < n_mask:
-            row.update(_mask_facts(np.asarray(raw.masks[i]), image, body_hu))
+            row.update(_mask_facts(np.asarray(raw.masks[i]), image, v.body_hu, v.min_finding_pixels))
         rows.append(row)
     for i in range(len(raw.test_images)):
         rows.append({"file": RAW_TEST_IMAGES, "index": i, "role": "test", "slice_id": raw.test_ids[i],
@@ -118,7 +118,7 @@ def raw_facts(raw: RawData, body_hu: float) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if raw.images.shape[1:] == raw.test_images.shape[1:]:  # else the geometry expectations fail
         every = np.concatenate([np.asarray(raw.images[..., 0]), np.asarray(raw.test_images[..., 0])])
-        nearest = nearest_slice_distance(every)
+        nearest = nearest_slice_distance(every, v.thumbnail_size)
         table.loc[table["has_image"], "nearest_slice_hu"] = nearest
     return table
 
@@ -247,7 +247,7 @@ def summary(report: dict) -> str:
 
 def validate_raw(raw: RawData, v: Validate) -> dict:
     """The raw-data contract; raises ContractError on failure, returns the report."""
-    facts = raw_facts(raw, v.body_hu)
+    facts = raw_facts(raw, v)
     report = run_suite("raw_data", facts, raw_expectations(facts, raw, v), ["file", "index"])
     report["source"] = str(raw.directory)
     report["facts"] = facts.drop(columns=["hash"]).to_dict(orient="records")

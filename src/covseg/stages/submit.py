@@ -19,8 +19,6 @@ from covseg.preprocessing import load_processed
 from covseg.submission import submission_table, write_submission
 from covseg.validation import validate_submission
 
-CSV, MASKS = SUBMISSION_CSV, TEST_MASKS
-
 
 def run(data: str | Path, model: str | Path, out: str | Path, batch_size: int, trk: Tracking,
         device: str = "auto") -> dict:
@@ -35,15 +33,15 @@ def run(data: str | Path, model: str | Path, out: str | Path, batch_size: int, t
     preds = predict_labels(net, images, batch_size, dev)
     out = Path(out)
     table = submission_table(preds)
-    report = validate_submission(table, preds.size * len(SCORED), out / CSV)
-    write_submission(table, out / CSV, preds.shape)
-    with atomic_output(out / MASKS) as tmp:
+    report = validate_submission(table, preds.size * len(SCORED), out / SUBMISSION_CSV)
+    write_submission(table, out / SUBMISSION_CSV, preds.shape)
+    with atomic_output(out / TEST_MASKS) as tmp:
         np.save(tmp, index_to_one_hot(preds))
     if ckpt.get("mlflow_run_id"):  # the CSV compresses ~20x; Kaggle takes it zipped as well
         with tempfile.TemporaryDirectory() as folder:
-            gz = Path(folder) / f"{CSV}.gz"
-            with open(out / CSV, "rb") as src, gzip.open(gz, "wb", compresslevel=3) as dst:
+            gz = Path(folder) / f"{SUBMISSION_CSV}.gz"
+            with open(out / SUBMISSION_CSV, "rb") as src, gzip.open(gz, "wb", compresslevel=3) as dst:
                 shutil.copyfileobj(src, dst)
             with tracking.resume(ckpt["mlflow_run_id"], trk.experiment):
                 mlflow.log_artifact(str(gz), "submission")
-    return {"csv": out / CSV, "masks": out / MASKS, "rows": len(table), "report": report}
+    return {"csv": out / SUBMISSION_CSV, "masks": out / TEST_MASKS, "rows": len(table), "report": report}
