@@ -212,14 +212,15 @@ def test_processed_contract_catches_non_finite_values(tmp_path, tiny_raw, tiny_p
 
 def test_training_numbers_are_those_of_the_code_before_the_stage_refactor(tiny_arrays, params, tmp_path):
     """The training loop moved into typed sections without changing a number: this history was recorded
-    with the same data and params at commit 313dba1 (the last commit before the refactor)."""
+    with the same data and params at commit 313dba1 (the last commit before the refactor); the
+    `old_default` set reproduces that commit's defaults."""
     from covseg.data import one_hot_to_index
     from covseg.preprocessing import window
     from covseg.training import train as train_loop
 
     images, masks, _ = tiny_arrays
     x, y = window(images[..., 0]), one_hot_to_index(masks)
-    p = params.override({"train.epochs": 3, "train.scale": 0.5, "model.base_channels": 4, "model.depth": 2})
+    p = params.with_set("old_default").override({"train.epochs": 3, "model.base_channels": 4, "model.depth": 2})
     history = train_loop(p.train, p.model, p.seed, x[:9], y[:9], x[9:], y[9:], tmp_path / "m.pt")
     assert history["train_loss"].tolist() == pytest.approx([1.1407018303871155, 1.0751619040966034,
                                                             1.105480432510376], abs=1e-6)

@@ -101,6 +101,22 @@ def cmd_promote(args, params: Params) -> None:
         write_json(decision, args.output)
 
 
+def cmd_cv(args, params: Params) -> None:
+    from covseg.crossval import cross_validate, describe
+
+    folds = [int(f) for f in args.folds.split(",")] if args.folds else None
+    out = args.out or f"{PATHS.cv}/{args.set or 'params'}.json"
+    summary = cross_validate(args.raw, params.with_set(args.set), out, folds, args.set or "")
+    print(describe(summary))
+    print(f"-> {out}")
+
+
+def cmd_exp_run(args, params: Params) -> None:
+    from covseg.experiments import run_set
+
+    run_set(params, args.set, args.name, args.queue)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covseg", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=PATHS.params, help=f"params file (default: {PATHS.params})")
@@ -140,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("submit", "stage: predict the test images, write the competition CSV and masks", cmd_submit,
               data=PATHS.processed, out=PATHS.submission)
     p.add_argument("--model", default=PATHS.model, help=model_help)
+
+    p = sub.add_parser("cv", help="k-fold cross-validation of params.yaml (or a set) on the labelled slices")
+    p.add_argument("--raw", default=PATHS.raw)
+    p.add_argument("--set", help="a named set of overrides from params.yaml:sets (seed, old_default, gpu, ...)")
+    p.add_argument("--folds", help="only these folds, comma-separated (default: all split.folds)")
+    p.add_argument("--out", help=f"summary JSON (default: {PATHS.cv}/<set>.json)")
+    p.set_defaults(func=cmd_cv)
+    exp = sub.add_parser("exp", help="DVC experiments of a named params set")
+    exp_sub = exp.add_subparsers(dest="exp_command", required=True)
+    p = exp_sub.add_parser("run", help="dvc exp run with a set's overrides (-S key=value for each)")
+    p.add_argument("set")
+    p.add_argument("--name", help="experiment name (default: the set's)")
+    p.add_argument("--queue", action="store_true", help="queue it (dvc queue start runs it)")
+    p.set_defaults(func=cmd_exp_run)
 
     p = stage("promote", "registry: challenger vs champion on the validation data, by a metric gate", cmd_promote,
               data=PATHS.processed)

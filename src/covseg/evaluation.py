@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from covseg.names import KAGGLE_F1, NUM_CLASSES, SCORED, SHORT
+from covseg.names import DICE, KAGGLE_F1, NUM_CLASSES, SCORED, SHORT
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
@@ -51,16 +51,41 @@ def summary_metrics(cm: np.ndarray) -> dict:
     return out
 
 
+def per_slice_dice(labels: np.ndarray, preds: np.ndarray) -> np.ndarray:
+    """(N, len(SCORED)) Dice of each slice for each scored class (MONAI `compute_dice`); NaN where the
+    slice has no such label (`ignore_empty`), so a slice without findings neither helps nor hurts."""
+    import torch
+    from monai.metrics import compute_dice
+
+    def one_hot(a: np.ndarray) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.from_numpy(np.asarray(a, dtype=np.int64)), NUM_CLASSES
+                                           ).permute(0, 3, 1, 2)
+
+    dice = compute_dice(one_hot(preds), one_hot(labels), include_background=True, ignore_empty=True)
+    return dice[:, list(SCORED)].numpy()
+
+
+def dice_metrics(labels: np.ndarray, preds: np.ndarray) -> dict:
+    """{'dice_ggo': ..., 'dice_consolidation': ...}: per-slice Dice averaged over the slices that have the
+    class (the published results' measure); NaN when no slice has it."""
+    dice = per_slice_dice(labels, preds)
+    with np.errstate(all="ignore"):
+        means = [float(np.nanmean(col)) if np.isfinite(col).any() else float("nan") for col in dice.T]
+    return dict(zip(DICE, means))
+
+
 def per_slice_table(labels: np.ndarray, preds: np.ndarray, slice_ids) -> pd.DataFrame:
     """One row per slice: its id, per-class pixel counts (label / prediction), F1 and kaggle_f1."""
     rows = []
-    for sid, y, p in zip(slice_ids, labels, preds):
+    dice = per_slice_dice(labels, preds)
+    for sid, y, p, d in zip(slice_ids, labels, preds, dice):
         m = summary_metrics(confusion_matrix(y, p))
         row = {"slice_id": sid}
         for c, name in enumerate(SHORT):
             row[f"pixels_{name}"] = int((y == c).sum())
             row[f"pred_pixels_{name}"] = int((p == c).sum())
             row[f"f1_{name}"] = m[f"f1_{name}"]
+        row.update(zip(DICE, map(float, d)))
         row[KAGGLE_F1] = m[KAGGLE_F1]
         rows.append(row)
     return pd.DataFrame(rows)

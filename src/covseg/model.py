@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from covseg.atomic import atomic_output
-from covseg.names import NUM_CLASSES
+from covseg.names import NUM_CLASSES, SCORED
 from covseg.params import ModelParams
 
 
@@ -76,24 +76,53 @@ class Segmenter(nn.Module):
 
     The U-Net inside may work at a fraction `scale` of the slice size (train.scale); this wrapper
     resizes on the way in and out, so every consumer (evaluate, submit, the registry) sees full size.
+    With `tta` the logits are the mean over the slice and its left-right mirror. `postprocess` turns
+    logits into labels, dropping findings smaller than `min_island` pixels (model.min_island).
     """
 
-    def __init__(self, unet: UNet, scale: float = 1.0):
+    def __init__(self, unet: UNet, scale: float = 1.0, tta: bool = False, min_island: int = 0):
         super().__init__()
-        self.unet, self.scale = unet, float(scale)
+        self.unet, self.scale, self.tta, self.min_island = unet, float(scale), bool(tta), int(min_island)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.unet(resize(x, self.scale, "bilinear"))
         if self.scale != 1:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.tta:
+            return self._logits(x)
+        return (self._logits(x) + self._logits(x.flip(-1)).flip(-1)) / 2
+
+    def postprocess(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, 4, H, W) logits -> (N, H, W) uint8 labels; a connected finding (ground glass or
+        consolidation) of fewer than `min_island` pixels takes the slice's next most likely class."""
+        labels = logits.argmax(1)
+        if self.min_island <= 0:
+            return labels.to(torch.uint8)
+        from scipy import ndimage
+
+        out = labels.numpy().copy()
+        for i, (lab, lg) in enumerate(zip(out, logits.numpy())):
+            for c in SCORED:
+                comps, n = ndimage.label(lab == c)
+                if n == 0:
+                    continue
+                sizes = np.bincount(comps.ravel())
+                small = (sizes < self.min_island)[comps] & (comps > 0)
+                if small.any():
+                    rest = lg.copy()
+                    rest[c] = -np.inf
+                    out[i][small] = rest.argmax(0)[small]
+        return torch.from_numpy(out.astype(np.uint8))
+
 
 def save_checkpoint(model: Segmenter, path: str | Path, **extra) -> None:
     """Weights, network config and `extra` facts (epoch, score, MLflow ids), written atomically."""
     with atomic_output(path) as tmp:
-        torch.save({"config": model.unet.config, "scale": model.scale, "state_dict": model.unet.state_dict(),
-                    **extra}, tmp)
+        torch.save({"config": model.unet.config, "scale": model.scale, "tta": model.tta,
+                    "min_island": model.min_island, "state_dict": model.unet.state_dict(), **extra}, tmp)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
@@ -101,7 +130,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     ckpt = torch.load(path, map_location=device, weights_only=True)
     unet = UNet(**ckpt["config"])
     unet.load_state_dict(ckpt["state_dict"])
-    return Segmenter(unet, ckpt["scale"]).to(device).eval(), ckpt
+    segmenter = Segmenter(unet, ckpt["scale"], ckpt.get("tta", False), ckpt.get("min_island", 0))
+    return segmenter.to(device).eval(), ckpt
 
 
 def load_model(spec: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -121,7 +151,7 @@ def resize(x: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
     return F.interpolate(x, scale_factor=scale, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 4,
                    device: torch.device | str = "cpu") -> np.ndarray:
     """Images (N, H, W) in [0, 1] -> logits (N, 4, H, W) float32, with a full-size model (Segmenter)."""
@@ -135,5 +165,8 @@ def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 4,
 
 def predict_labels(model: nn.Module, images: np.ndarray, batch_size: int = 4,
                    device: torch.device | str = "cpu") -> np.ndarray:
-    """Images (N, H, W) in [0, 1] -> class index (N, H, W) uint8."""
-    return predict_logits(model, images, batch_size, device).argmax(1).astype(np.uint8)
+    """Images (N, H, W) in [0, 1] -> class index (N, H, W) uint8, post-processed as the model says."""
+    logits = torch.from_numpy(predict_logits(model, images, batch_size, device))
+    if isinstance(model, Segmenter):
+        return model.postprocess(logits).numpy()
+    return logits.argmax(1).numpy().astype(np.uint8)

@@ -15,7 +15,8 @@ SCORED = (0, 1)  # the classes the competition scores: ground glass, consolidati
 
 # Metrics: the headline ones, logged as tags on registered versions and shown first.
 KAGGLE_F1 = "kaggle_f1"  # mean F1 of the scored classes: the competition's score
-HEADLINE_METRICS = (KAGGLE_F1, "f1_ggo", "f1_consolidation", "pooled_f1")
+DICE = tuple(f"dice_{SHORT[c]}" for c in SCORED)  # per-slice mean Dice: how published results are reported
+HEADLINE_METRICS = (KAGGLE_F1, "f1_ggo", "f1_consolidation", "pooled_f1", *DICE)
 
 # The pipeline's stages in dvc.yaml, in order (a test checks dvc.yaml against it).
 STAGES = ("validate", "preprocess", "train", "evaluate", "submit")
@@ -25,7 +26,7 @@ PATHS = SimpleNamespace(
     params="params.yaml", dvc_file="data.dvc", raw="data/raw", processed="data/processed",
     model="models/model.pt", history="reports/train_history.csv", validation="reports/validation.json",
     metrics="reports/metrics.json", evaluation="reports/evaluation", submission="submission",
-    mlflow_db="mlflow.db", mlflow_artifacts="mlartifacts",
+    mlflow_db="mlflow.db", mlflow_artifacts="mlartifacts", cv="reports/cv",
 )
 
 # Raw files (the Kaggle layout) and processed files.

@@ -59,6 +59,8 @@ class ModelParams(Section):
     base_channels: int = Field(ge=1, le=256)
     depth: int = Field(ge=1, le=7)
     norm: Literal["batch", "instance", "none"]
+    tta: bool
+    min_island: int = Field(ge=0)
 
 
 Weight = Annotated[float, Field(ge=0)]
@@ -67,13 +69,31 @@ Weight = Annotated[float, Field(ge=0)]
 class Train(Section):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
+    optimizer: Literal["adam", "adamw"]
     lr: float = Field(ge=0)
+    warmup_epochs: int = Field(ge=0)
     weight_decay: float = Field(ge=0)
     loss: Literal["ce", "dice_ce"]
     class_weights: list[Weight] = Field(min_length=NUM_CLASSES, max_length=NUM_CLASSES)
+    crop: int = Field(ge=0)
+    crops_per_slice: int = Field(ge=1)
     augment: bool
+    aug_rotate: float = Field(ge=0, le=3.15)
+    aug_scale: float = Field(ge=0, lt=1)
+    aug_gamma: float = Field(ge=0, lt=1)
+    aug_intensity: float = Field(ge=0, lt=1)
     scale: float = Field(gt=0, le=1)
+    select: Literal["last", "best"]
+    val_every: int = Field(ge=1)
+    init: str
     device: str
+
+    @field_validator("crop")
+    @classmethod
+    def _crop_even(cls, value: int) -> int:
+        if value and value < 16:
+            raise ValueError("must be 0 (whole slices) or at least 16 pixels")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -127,6 +147,7 @@ class Params(Section):
     validate_: Validate = Field(alias="validate")  # `validate` is a BaseModel method
     tracking: Tracking
     registry: Registry
+    sets: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")], dict[str, Any]] = {}
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False, populate_by_name=True)
 
@@ -138,9 +159,17 @@ class Params(Section):
         """A checked copy with `{"section.key": value}` overrides applied."""
         return apply_overrides(self.tree(), overrides, source)[1]
 
+    def with_set(self, name: str | None) -> Params:
+        """These params with the named set's overrides applied (`sets.<name>` in params.yaml)."""
+        if not name:
+            return self
+        if name not in self.sets:
+            raise ParamsError(f"{PATHS.params}: no set {name!r} under sets (there are: {', '.join(self.sets)})")
+        return self.override(self.sets[name], f"sets.{name}")
+
     def flat(self) -> dict[str, Any]:
         """{'train.lr': 0.001, ...}: every value by its dotted key (lists as text), for MLflow."""
-        return flatten(self.tree())
+        return flatten({k: v for k, v in self.tree().items() if k != "sets"})
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -168,9 +197,15 @@ def check(tree: Any, source: str = PATHS.params) -> Params:
     if not isinstance(tree, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, found {type(tree).__name__}")
     try:
-        return Params.model_validate(tree)
+        params = Params.model_validate(tree)
     except ValidationError as exc:
         raise ParamsError("\n".join(_describe(e, source) for e in exc.errors())) from None
+    base = {k: v for k, v in tree.items() if k != "sets"}
+    for name, overrides in params.sets.items():  # every set must give valid params
+        if "sets" in overrides or any(str(k).startswith("sets.") for k in overrides):
+            raise ParamsError(f"{source}: sets.{name} may not set other sets")
+        apply_overrides(base, overrides, f"{source}: sets.{name}")
+    return params
 
 
 def read_tree(path: str | Path = PATHS.params) -> dict:

@@ -25,13 +25,14 @@ def _save(fig, path: Path) -> Path:
 
 def loss_curves(history: pd.DataFrame, path: str | Path) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    val = history.dropna(subset=["val_loss"])  # validation is scored every train.val_every epochs
     ax1.plot(history["epoch"], history["train_loss"], label="train")
-    ax1.plot(history["epoch"], history["val_loss"], label="validation")
+    ax1.plot(val["epoch"], val["val_loss"], ".-", label="validation")
     ax1.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax1.legend()
     for c in SHORT:
-        ax2.plot(history["epoch"], history[f"val_f1_{c}"], label=c)
-    ax2.plot(history["epoch"], history[f"val_{KAGGLE_F1}"], "k--", label=KAGGLE_F1)
+        ax2.plot(val["epoch"], val[f"val_f1_{c}"], ".-", label=c)
+    ax2.plot(val["epoch"], val[f"val_{KAGGLE_F1}"], "k--", label=KAGGLE_F1)
     ax2.set(xlabel="epoch", ylabel="F1", title="Validation F1", ylim=(0, 1))
     ax2.legend(fontsize=8)
     return _save(fig, Path(path))

@@ -1,6 +1,8 @@
-"""The training loop: seeded, augmented, class-weighted, best checkpoint kept. Readable in one sitting."""
+"""The training loop: seeded, augmented, class-weighted, a fixed schedule or the best epoch kept.
+Readable in one sitting."""
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -9,13 +11,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from monai.transforms import Compose, RandAffined, RandFlipd, RandGaussianNoised
-from torch.utils.data import DataLoader, Dataset
+from monai.data import Dataset, list_data_collate
+from monai.transforms import (
+    Compose,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByLabelClassesd,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+)
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from covseg.evaluation import confusion_matrix, summary_metrics
+from covseg.errors import CovsegError
+from covseg.evaluation import confusion_matrix, dice_metrics, summary_metrics
 from covseg.model import Segmenter, build_model, pick_device, predict_logits, resize, save_checkpoint
-from covseg.names import KAGGLE_F1, SHORT
+from covseg.names import KAGGLE_F1, NUM_CLASSES, SHORT
 from covseg.params import ModelParams, Train
 
 
@@ -26,31 +39,34 @@ def set_seed(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def augmentation(seed: int) -> Compose:
-    """MONAI random flip, small affine and noise on a {'image', 'label'} pair, labels by nearest."""
+def augmentation(t: Train, size: int, seed: int) -> Compose | None:
+    """MONAI transforms of a {'image', 'label'} pair (labels by nearest): random crops of `t.crop`
+    pixels centred on each class in turn (so findings are sampled as often as background), then, with
+    `t.augment`, flips, rotation / scale / shift, gamma, intensity and noise."""
     keys = ["image", "label"]
-    aug = Compose([
-        RandFlipd(keys, prob=0.5, spatial_axis=1),
-        RandAffined(keys, prob=0.7, rotate_range=0.15, scale_range=0.1, translate_range=(16, 16),
-                    mode=("bilinear", "nearest"), padding_mode="border"),
-        RandGaussianNoised(["image"], prob=0.3, std=0.01),
-    ])
+    steps = []
+    if t.crop and t.crop < size:
+        steps.append(RandCropByLabelClassesd(keys, label_key="label", spatial_size=(t.crop, t.crop),
+                                             ratios=[1.0] * NUM_CLASSES, num_classes=NUM_CLASSES,
+                                             num_samples=t.crops_per_slice, warn=False))
+    if t.augment:
+        steps += [
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandAffined(keys, prob=0.7, rotate_range=t.aug_rotate, scale_range=t.aug_scale,
+                        translate_range=(16, 16), mode=("bilinear", "nearest"),
+                        padding_mode="border"),
+        ]
+        if t.aug_gamma:
+            steps.append(RandAdjustContrastd(["image"], prob=0.3, gamma=(1 - t.aug_gamma, 1 + t.aug_gamma)))
+        if t.aug_intensity:
+            steps += [RandScaleIntensityd(["image"], factors=t.aug_intensity, prob=0.3),
+                      RandShiftIntensityd(["image"], offsets=t.aug_intensity, prob=0.3)]
+        steps.append(RandGaussianNoised(["image"], prob=0.3, std=0.01))
+    if not steps:
+        return None
+    aug = Compose(steps)
     aug.set_random_state(seed=seed)
     return aug
-
-
-class SliceDataset(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Compose | None = None):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i):
-        item = {"image": self.images[i], "label": self.labels[i]}
-        if self.transform is not None:
-            item = self.transform(item)
-        return torch.as_tensor(item["image"]).float(), torch.as_tensor(item["label"])[0].long()
 
 
 def make_loss(t: Train, device: torch.device) -> Callable:
@@ -64,25 +80,55 @@ def make_loss(t: Train, device: torch.device) -> Callable:
     return torch.nn.CrossEntropyLoss(weight=weight)
 
 
+def make_optimizer(t: Train, net: torch.nn.Module):
+    """Adam or AdamW; the learning rate rises linearly for `t.warmup_epochs` (all of a run that short),
+    then follows a cosine to 0."""
+    opt_class = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_class(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+    def factor(epoch: int) -> float:  # epoch counts from 0
+        if epoch < t.warmup_epochs:
+            return (epoch + 1) / (t.warmup_epochs + 1)
+        return 0.5 * (1 + math.cos(math.pi * (epoch - t.warmup_epochs) / max(1, t.epochs - t.warmup_epochs)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warm_start(net: torch.nn.Module, spec: str, device: torch.device) -> None:
+    """Start from the weights of a checkpoint or a registry model (`models:/covseg-unet@champion`)."""
+    from covseg.model import load_model
+
+    source, _ = load_model(spec, device)
+    try:
+        net.load_state_dict(source.unet.state_dict())
+    except RuntimeError as exc:
+        raise CovsegError(f"train.init = {spec!r}: its network does not match params.yaml:model "
+                          f"({str(exc).splitlines()[0]})") from None
+
+
 def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_labels: np.ndarray,
           val_images: np.ndarray, val_labels: np.ndarray, checkpoint: str | Path,
           on_epoch: Callable[[dict], None] | None = None) -> pd.DataFrame:
-    """Train the U-Net; keep the checkpoint of the best validation kaggle_f1; return the history."""
+    """Train the U-Net and write `checkpoint`: the last epoch's model (`t.select: last`, a schedule
+    fixed in advance, e.g. by cross-validation) or the one of the best validation kaggle_f1
+    (`best`). Validation is scored every `t.val_every` epochs and at the last; returns the history."""
     set_seed(seed)
     device = pick_device(t.device)
-    scale = t.scale
 
     # Downscale once (images bilinear, labels nearest), keep (N, 1, h, w) tensors for MONAI.
-    x = resize(torch.from_numpy(train_images)[:, None].float(), scale, "bilinear")
-    y = resize(torch.from_numpy(train_labels)[:, None].float(), scale, "nearest").to(torch.uint8)
-    dataset = SliceDataset(x, y, augmentation(seed) if t.augment else None)
+    x = resize(torch.from_numpy(train_images)[:, None].float(), t.scale, "bilinear")
+    y = resize(torch.from_numpy(train_labels)[:, None].float(), t.scale, "nearest").to(torch.uint8)
+    transform = augmentation(t, min(x.shape[-2:]), seed)
+    dataset = Dataset([{"image": xi, "label": yi} for xi, yi in zip(x, y)], transform)
+    # torch's DataLoader: MONAI's would re-seed the transforms from the generator
     loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True, drop_last=len(dataset) > t.batch_size,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(seed), collate_fn=list_data_collate)
 
-    net = build_model(m).to(device)           # trained on downscaled slices
-    model = Segmenter(net, scale)             # evaluated and saved at full size
-    optimizer = torch.optim.Adam(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
+    net = build_model(m).to(device)
+    if t.init:
+        warm_start(net, t.init, device)
+    model = Segmenter(net, t.scale, tta=m.tta, min_island=m.min_island)  # evaluated and saved at full size
+    optimizer, scheduler = make_optimizer(t, net)
     loss_fn = make_loss(t, device)
     val_target = torch.from_numpy(val_labels).long()
 
@@ -92,28 +138,34 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
         net.train()
         losses = []
         bar = tqdm(loader, desc=f"epoch {epoch}/{t.epochs}", leave=False, dynamic_ncols=True, disable=None)
-        for xb, yb in bar:
+        for batch in bar:
+            xb, yb = batch["image"].as_tensor().float(), batch["label"].as_tensor()[:, 0].long()
             loss = loss_fn(net(xb.to(device)), yb.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        lr = optimizer.param_groups[0]["lr"]
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"]}
         scheduler.step()
 
-        logits = torch.from_numpy(predict_logits(model, val_images, t.batch_size, device))
-        val_loss = float(loss_fn(logits.to(device), val_target.to(device)))
-        metrics = summary_metrics(confusion_matrix(val_labels, logits.argmax(1).numpy()))
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "lr": lr,
-               **{f"val_f1_{c}": metrics[f"f1_{c}"] for c in SHORT},
-               f"val_{KAGGLE_F1}": metrics[KAGGLE_F1], "seconds": time.perf_counter() - start}
-        if metrics[KAGGLE_F1] > best:
-            best = metrics[KAGGLE_F1]
-            save_checkpoint(model, checkpoint, epoch=epoch, val_kaggle_f1=best)
+        if epoch % t.val_every == 0 or epoch == t.epochs:
+            logits = torch.from_numpy(predict_logits(model, val_images, t.batch_size, device))
+            preds = model.postprocess(logits).numpy()
+            metrics = summary_metrics(confusion_matrix(val_labels, preds))
+            row.update(val_loss=float(loss_fn(logits.to(device), val_target.to(device))),
+                       **{f"val_f1_{c}": metrics[f"f1_{c}"] for c in SHORT},
+                       **{f"val_{k}": v for k, v in dice_metrics(val_labels, preds).items()},
+                       **{f"val_{KAGGLE_F1}": metrics[KAGGLE_F1]})
+            keep = metrics[KAGGLE_F1] > best if t.select == "best" else epoch == t.epochs
+            if keep:
+                best = metrics[KAGGLE_F1]
+                save_checkpoint(model, checkpoint, epoch=epoch, val_kaggle_f1=best)
+        row["seconds"] = time.perf_counter() - start
         history.append(row)
-        tqdm.write(f"epoch {epoch:3d}  train_loss {row['train_loss']:.4f}  val_loss {val_loss:.4f}  "
-                   f"val_kaggle_f1 {metrics[KAGGLE_F1]:.4f}  ({row['seconds']:.1f}s)")
+        tqdm.write(f"epoch {epoch:3d}  train_loss {row['train_loss']:.4f}"
+                   + (f"  val_loss {row['val_loss']:.4f}  val_kaggle_f1 {row[f'val_{KAGGLE_F1}']:.4f}"
+                      if "val_loss" in row else "") + f"  ({row['seconds']:.1f}s)")
         if on_epoch is not None:
             on_epoch(row)
     return pd.DataFrame(history)

@@ -10,7 +10,7 @@ import pandas as pd
 from covseg import plots, registry, tracking
 from covseg.atomic import atomic_output, write_json
 from covseg.data import data_version
-from covseg.evaluation import per_slice_table, score_model, summary_metrics, trivial_kaggle_f1
+from covseg.evaluation import dice_metrics, per_slice_table, score_model, summary_metrics, trivial_kaggle_f1
 from covseg.model import load_model, pick_device
 from covseg.names import HEADLINE_METRICS, KAGGLE_F1, PATHS, SHORT, TAG_DATA_VERSION
 from covseg.params import Evaluate, Registry, Tracking
@@ -31,7 +31,7 @@ def run(data: str | Path, model: str | Path, history: str | Path, validation: st
     images, labels = load_processed(data, "val")
     preds, cm = score_model(net, images, labels, ev.batch_size, dev)
     split = load_split(data)
-    metrics = {**summary_metrics(cm), "trivial_kaggle_f1": trivial_kaggle_f1(labels),
+    metrics = {**summary_metrics(cm), **dice_metrics(labels, preds), "trivial_kaggle_f1": trivial_kaggle_f1(labels),
                "best_epoch": int(ckpt.get("epoch", 0)), "val_slices": len(labels)}
 
     with atomic_output(out, directory=True) as staging:

@@ -1,0 +1,133 @@
+"""k-fold cross-validation of a recipe on the labelled slices: how covseg chooses epochs and recipes
+without ever looking at the test slices, and reports a mean and a spread instead of one lucky fold.
+
+Each fold is the `preprocess` split with `split.fold = k` (same seeded, burden-stratified folds), trained
+with the stage's own loop and scored on its held-out slices, exactly as the pipeline would. Folds are
+written as they finish (`fold<k>.json` beside the summary), so a killed run resumes where it stopped;
+a fold recorded for other params or other data is run again.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covseg.atomic import write_json
+from covseg.data import fingerprint, load_raw, one_hot_to_index
+from covseg.errors import ParamsError
+from covseg.evaluation import confusion_matrix, dice_metrics, per_slice_table, summary_metrics
+from covseg.model import load_checkpoint, pick_device, predict_labels
+from covseg.names import DICE, KAGGLE_F1
+from covseg.params import Params
+from covseg.preprocessing import assign_folds, window
+from covseg.training import train
+from covseg.validation import validate_raw
+
+# what the summary reports as mean and spread over folds
+CV_METRICS = (*DICE, "f1_ggo", "f1_consolidation", KAGGLE_F1, "pooled_f1")
+
+
+def recipe_key(params: Params, data: str) -> str:
+    """A hash of everything a fold's result depends on: the data and the params the stages read."""
+    tree = {k: v for k, v in params.tree().items() if k in ("seed", "window", "split", "model", "train")}
+    tree["train"] = {k: v for k, v in tree["train"].items() if k != "device"}
+    tree["split"] = {"folds": tree["split"]["folds"]}
+    return hashlib.sha256(json.dumps([tree, data], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _scores(labels: np.ndarray, preds: np.ndarray) -> dict:
+    return {**summary_metrics(confusion_matrix(labels, preds)), **dice_metrics(labels, preds)}
+
+
+def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndarray, fold: int,
+             params: Params) -> tuple[dict, pd.DataFrame]:
+    """Train on every fold but `fold`, score `fold`: (metrics, per-slice table of the held-out slices)."""
+    tr, va = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        history = train(params.train, params.model, params.seed, images[tr], labels[tr], images[va], labels[va],
+                        Path(tmp) / "model.pt")
+        model, ckpt = load_checkpoint(Path(tmp) / "model.pt")
+    device = pick_device(params.train.device)
+    model = model.to(device)
+    preds = predict_labels(model, images[va], params.evaluate.batch_size, device)
+    metrics = {**_scores(labels[va], preds), "fold": fold, "train_slices": len(tr), "val_slices": len(va),
+               "epoch": int(ckpt["epoch"]), "seconds": round(time.perf_counter() - start, 1),
+               "epoch_seconds": float(history["seconds"].mean())}
+    # the inference-time levers, ablated on the same trained model at no training cost
+    for lever, off in (("tta", {"tta": False}), ("min_island", {"min_island": 0}),
+                       ("tta_and_min_island", {"tta": False, "min_island": 0})):
+        if all(getattr(model, k) != v for k, v in off.items()):
+            variant = copy.copy(model)
+            variant.__dict__.update(off)
+            scores = _scores(labels[va], predict_labels(variant, images[va], params.evaluate.batch_size, device))
+            metrics.update({f"without_{lever}.{k}": v for k, v in scores.items() if k in CV_METRICS})
+    table = per_slice_table(labels[va], preds, [ids[i] for i in va]).assign(fold=fold)
+    return metrics, table
+
+
+def summarise(folds: list[dict], table: pd.DataFrame) -> dict:
+    """Mean and standard deviation over folds, and the same measures over all held-out slices pooled."""
+    frame = pd.DataFrame(folds)
+    out = {"folds": len(frame)}
+    ablated = [c for c in frame.columns if c.startswith("without_")]
+    for m in (*CV_METRICS, *ablated):
+        out[f"{m}_mean"] = float(frame[m].mean())
+        out[f"{m}_std"] = float(frame[m].std(ddof=1)) if len(frame) > 1 else 0.0
+    for d in DICE:  # every held-out slice that has the class, all folds together
+        out[f"{d}_all_slices"] = float(table[d].mean())
+    out["train_seconds_mean"] = float(frame["seconds"].mean())
+    return out
+
+
+def cross_validate(raw: str | Path, params: Params, out: str | Path, folds: Sequence[int] | None = None,
+                   name: str = "") -> dict:
+    """Cross-validate `params` on the labelled slices of the Kaggle-layout folder `raw` (which must
+    pass the data contract); write `out` (summary JSON), `fold<k>.json` and `per_slice.csv` beside it.
+    `folds` limits the run to some folds (the summary then says which). Returns the summary."""
+    out = Path(out)
+    data = load_raw(raw)
+    validate_raw(data, params.validate_)  # raises ContractError: bad data never reaches training
+    labels = one_hot_to_index(np.asarray(data.masks))
+    images = window(np.asarray(data.images)[..., 0], params.window.hu_min, params.window.hu_max)
+    k = params.split.folds
+    folds = list(range(k)) if folds is None else sorted(set(folds))
+    if not folds or any(f < 0 or f >= k for f in folds):
+        raise ParamsError(f"folds {folds}: each must be in 0..{k - 1} (split.folds is {k})")
+    fold_of = assign_folds(labels, k, params.seed)
+    key = recipe_key(params, fingerprint(raw))
+
+    results, tables = [], []
+    for fold in folds:
+        fold_file = out.with_name(f"{out.stem}.fold{fold}.json")
+        done = json.loads(fold_file.read_text()) if fold_file.is_file() else {}
+        if done.get("recipe") != key:
+            metrics, table = run_fold(images, labels, data.train_ids, fold_of, fold, params)
+            done = {"recipe": key, "metrics": metrics, "per_slice": table.to_dict(orient="list")}
+            write_json(done, fold_file)
+        print(f"fold {fold}: " + "  ".join(f"{m} {done['metrics'][m]:.4f}" for m in CV_METRICS)
+              + f"  ({done['metrics']['seconds']:.0f}s)", flush=True)
+        results.append(done["metrics"])
+        tables.append(pd.DataFrame(done["per_slice"]))
+    table = pd.concat(tables, ignore_index=True)
+    summary = {"set": name, "recipe": key, "data": str(raw), "folds_run": folds, **summarise(results, table),
+               "per_fold": results, "params": params.flat()}
+    table.to_csv(out.with_name(f"{out.stem}.per_slice.csv"), index=False)
+    write_json(summary, out)
+    return summary
+
+
+def describe(summary: dict) -> str:
+    """One line per measure: mean +- std over folds."""
+    lines = [f"{summary['folds']}-fold cross-validation ({summary['set'] or 'params.yaml'}):"]
+    for m in CV_METRICS:
+        lines.append(f"  {m:18s} {summary[f'{m}_mean']:.4f} +- {summary[f'{m}_std']:.4f}")
+    return "\n".join(lines) + f"\n  per fold training  {summary['train_seconds_mean']:.0f}s"
+

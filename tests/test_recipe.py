@@ -1,0 +1,190 @@
+"""The training recipe's levers: crops, schedule, checkpoint choice, test-time flips, island removal,
+warm start, named params sets, per-slice Dice, and cross-validation that resumes."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from covseg.data import one_hot_to_index, synthesize
+from covseg.errors import CovsegError, ParamsError
+from covseg.evaluation import dice_metrics, per_slice_dice
+from covseg.model import Segmenter, UNet, load_checkpoint, save_checkpoint
+from covseg.params import check, read_tree
+from covseg.preprocessing import window
+from covseg.training import augmentation, make_optimizer, train
+
+TINY_TRAIN = {"model.base_channels": 4, "model.depth": 2, "train.epochs": 3, "train.crop": 32,
+              "train.val_every": 2, "train.warmup_epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def slices():
+    images, masks, _ = synthesize(8, 1, 64, seed=3)
+    return window(images[..., 0]), one_hot_to_index(masks)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_crops_are_the_crop_size_and_centred_on_every_class(params, slices):
+    x, y = slices
+    t = params.override({"train.crop": 32, "train.crops_per_slice": 8, "train.augment": False}).train
+    crops = augmentation(t, 64, seed=0)({"image": torch.from_numpy(x[:1]), "label": torch.from_numpy(y[:1])})
+    assert len(crops) == 8 and all(c["image"].shape == (1, 32, 32) for c in crops)
+    centres = [int(c["label"][0, 16, 16]) for c in crops]  # RandCropByLabelClasses: centre on a class
+    assert len(set(centres)) >= 3, centres
+
+
+def test_warmup_then_cosine_schedule(params):
+    t = params.override({"train.epochs": 10, "train.warmup_epochs": 2, "train.lr": 1.0}).train
+    optimizer, scheduler = make_optimizer(t, torch.nn.Linear(1, 1))
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.05
+    assert isinstance(optimizer, torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("select,expected_epoch", [("last", 3), ("best", None)])
+def test_checkpoint_is_the_last_epoch_or_the_best(params, slices, tmp_path, select, expected_epoch):
+    x, y = slices
+    p = params.override({**TINY_TRAIN, "train.select": select})
+    history = train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "m.pt")
+    scored = history.dropna(subset=["val_loss"])
+    assert scored["epoch"].tolist() == [2, 3], "validation every val_every epochs and at the last"
+    _, ckpt = load_checkpoint(tmp_path / "m.pt")
+    best = int(scored.loc[scored["val_kaggle_f1"].idxmax(), "epoch"])
+    assert ckpt["epoch"] == (expected_epoch or best)
+
+
+def test_warm_start_begins_from_the_given_weights(params, slices, tmp_path):
+    x, y = slices
+    torch.manual_seed(5)
+    source = Segmenter(UNet(base_channels=4, depth=2))
+    save_checkpoint(source, tmp_path / "init.pt")
+    p = params.override({**TINY_TRAIN, "train.lr": 0.0, "train.init": str(tmp_path / "init.pt")})
+    train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "m.pt")
+    trained, _ = load_checkpoint(tmp_path / "m.pt")
+    for name, value in source.unet.state_dict().items():
+        if "running" not in name and "num_batches" not in name:  # batch-norm statistics still move
+            assert torch.equal(trained.unet.state_dict()[name], value), name
+
+
+def test_warm_start_from_another_network_is_one_clear_error(params, slices, tmp_path):
+    x, y = slices
+    save_checkpoint(Segmenter(UNet(base_channels=8, depth=2)), tmp_path / "other.pt")
+    p = params.override({**TINY_TRAIN, "train.init": str(tmp_path / "other.pt")})
+    with pytest.raises(CovsegError, match=r"train\.init = .*other\.pt.*does not match params\.yaml:model"):
+        train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "m.pt")
+
+
+# ------------------------------------------------------------------------------------------ inference
+
+
+def test_flip_tta_makes_the_model_mirror_symmetric(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 32, 40)
+    plain, tta = Segmenter(UNet(base_channels=4, depth=2)).eval(), None
+    tta = Segmenter(plain.unet, tta=True).eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(x.flip(-1)), plain(x).flip(-1), atol=1e-4)
+        assert torch.allclose(tta(x.flip(-1)), tta(x).flip(-1), atol=1e-5)
+    save_checkpoint(Segmenter(plain.unet, 0.5, tta=True, min_island=7), tmp_path / "m.pt")
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    assert (loaded.scale, loaded.tta, loaded.min_island) == (0.5, True, 7)
+
+
+def test_small_findings_take_the_next_most_likely_class():
+    logits = torch.zeros(1, 4, 20, 20)
+    logits[0, 3] = 1.0                      # background everywhere ...
+    logits[0, 2, :, 10:] = 2.0              # ... lung on the right half
+    logits[0, 0, 2:4, 2:4] = 3.0            # a 4-pixel ground-glass speck in the background
+    logits[0, 1, 10:18, 12:18] = 3.0        # a 48-pixel consolidation in the lung
+    labels = Segmenter(UNet(base_channels=2, depth=1), min_island=10).postprocess(logits)[0]
+    assert (labels[2:4, 2:4] == 3).all(), "the speck becomes background, its next most likely class"
+    assert (labels[10:18, 12:18] == 1).all(), "a finding at least min_island pixels is kept"
+    assert torch.equal(Segmenter(UNet(base_channels=2, depth=1)).postprocess(logits)[0], logits[0].argmax(0).byte())
+
+
+def test_per_slice_dice_ignores_slices_without_the_class():
+    labels = np.full((3, 4, 4), 3, dtype=np.uint8)
+    preds = labels.copy()
+    labels[0, :2, :2] = 0                   # slice 0: 4 pixels of ground glass, half found
+    preds[0, :2, :1] = 0
+    preds[1, 0, 0] = 0                      # slice 1: no ground glass, one false pixel
+    labels[2, :2, :] = 1                    # slice 2: consolidation, all found
+    preds[2, :2, :] = 1
+    dice = per_slice_dice(labels, preds)
+    assert dice[0, 0] == pytest.approx(2 * 2 / (4 + 2)) and np.isnan(dice[1, 0]) and np.isnan(dice[2, 0])
+    assert dice[2, 1] == pytest.approx(1.0) and np.isnan(dice[0, 1])
+    assert dice_metrics(labels, preds) == pytest.approx({"dice_ggo": 2 / 3, "dice_consolidation": 1.0})
+
+
+# ------------------------------------------------------------------------------------------ params sets
+
+
+def test_every_shipped_set_gives_valid_params(params):
+    assert {"seed", "old_default", "gpu"} <= set(params.sets)
+    seed = params.with_set("seed")
+    assert (seed.model.base_channels, seed.train.epochs, seed.train.lr, seed.train.loss) == (64, 130, 1e-4, "ce")
+    assert not seed.train.augment and seed.train.batch_size == 2
+    assert "sets.seed" not in str(params.flat()), "sets are not logged as run params"
+
+
+def test_a_bad_set_is_refused_with_its_name_and_key():
+    tree = read_tree()
+    tree["sets"]["fast"] = {"train.epochs": 0}
+    with pytest.raises(ParamsError, match=r"sets\.fast.*train\.epochs = 0 is not allowed"):
+        check(tree)
+    tree["sets"]["fast"] = {"dvc.yaml:stages.train.cmd": "rm -rf /"}
+    with pytest.raises(ParamsError, match=r"sets\.fast: unknown key"):
+        check(tree)
+
+
+def test_exp_run_passes_the_set_as_checked_overrides(params, monkeypatch):
+    from covseg import experiments
+
+    calls = []
+    monkeypatch.setattr(experiments.subprocess, "run", lambda cmd, check: calls.append(cmd) or
+                        type("P", (), {"returncode": 0})())
+    experiments.run_set(params, "seed")
+    assert calls[0][:5] == ["dvc", "exp", "run", "-n", "seed"]
+    assert "train.lr=0.0001" in calls[0] and 'train.loss="ce"' in calls[0]
+    with pytest.raises(ParamsError, match="no set 'nope'"):
+        experiments.run_set(params, "nope")
+    with pytest.raises(ParamsError, match="experiment name"):
+        experiments.run_set(params, "seed", exp_name="x; rm -rf /")
+
+
+# ------------------------------------------------------------------------------------------ cross-validation
+
+
+def test_cross_validation_reports_mean_and_spread_and_resumes(params, tiny_raw, tmp_path, monkeypatch):
+    from covseg import crossval
+
+    p = params.override({**TINY_TRAIN, "split.folds": 3, "train.epochs": 1, "model.tta": True,
+                         "model.min_island": 5})
+    out = tmp_path / "cv" / "tiny.json"
+    summary = crossval.cross_validate(tiny_raw, p, out, folds=[0, 2], name="tiny")
+    assert summary["folds"] == 2 and summary["folds_run"] == [0, 2]
+    f1 = [f["kaggle_f1"] for f in summary["per_fold"]]
+    assert summary["kaggle_f1_mean"] == pytest.approx(np.mean(f1))
+    assert summary["kaggle_f1_std"] == pytest.approx(np.std(f1, ddof=1))
+    assert "without_tta.kaggle_f1_mean" in summary and "without_min_island.dice_ggo_mean" in summary
+    per_slice = json.loads((tmp_path / "cv" / "tiny.fold0.json").read_text())["per_slice"]
+    assert len(per_slice["slice_id"]) == sum(f["val_slices"] for f in summary["per_fold"][:1])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished fold was trained again")
+
+    monkeypatch.setattr(crossval, "train", no_training)
+    again = crossval.cross_validate(tiny_raw, p, out, folds=[0, 2], name="tiny")
+    assert again["kaggle_f1_mean"] == summary["kaggle_f1_mean"]
+    with pytest.raises(AssertionError, match="trained again"):  # other params: the folds are stale
+        crossval.cross_validate(tiny_raw, p.override({"train.lr": 0.01}), out, folds=[0], name="tiny")
+    with pytest.raises(ParamsError, match=r"folds \[3\]"):
+        crossval.cross_validate(tiny_raw, p, out, folds=[3])
