@@ -37,8 +37,9 @@ from prefect.runtime import flow_run
 from covseg import registry, shell, tracking
 from covseg.data import data_version
 from covseg.errors import ParamsError
+from covseg.experiments import override_args
 from covseg.names import ENV_DEPLOYMENT, ENV_FLOW_RUN, ENV_REPO, ENV_TRACKING_URI, KAGGLE_F1, PATHS
-from covseg.params import Params, apply_overrides, read_tree
+from covseg.params import Params, apply_overrides, check, read_tree
 
 # ------------------------------------------------------------------------------- plain helpers
 
@@ -52,12 +53,14 @@ def resolve_repo(repo: str | None) -> Path:
     return home
 
 
-def checked_overrides(repo: Path, overrides: dict | None) -> tuple[dict, Params]:
+def checked_overrides(repo: Path, overrides: dict | None, params_set: str | None = None) -> tuple[dict, Params]:
     """Overrides checked against the params.yaml of the repository's HEAD (what a working copy runs) and
-    the schema, before anything runs."""
+    the schema, before anything runs. A named `params_set` (params.yaml:sets) comes first, `overrides`
+    on top of it."""
     committed = shell.run(["git", "show", f"HEAD:{PATHS.params}"], repo, check=False)
     tree = yaml.safe_load(committed.stdout) if committed.returncode == 0 else read_tree(repo / PATHS.params)
-    overrides = dict(overrides or {})
+    base = dict(check(tree, f"HEAD:{PATHS.params}").with_set(params_set).sets.get(params_set, {})) if params_set else {}
+    overrides = {**base, **dict(overrides or {})}
     return overrides, apply_overrides(tree, overrides, "flow overrides")[1]
 
 
@@ -73,15 +76,6 @@ def experiment_name(flow_run_name: str | None, t0: float) -> str:
     """A DVC experiment (git ref) name from the flow run's name: letters, digits and '-' only."""
     cleaned = re.sub(r"[^A-Za-z0-9-]+", "-", flow_run_name or "local").strip("-")[:60] or "run"
     return f"{cleaned}-{int(t0)}"
-
-
-def override_args(overrides: dict) -> list[str]:
-    """{'train.epochs': 3} -> ['-S', 'train.epochs=3'] for `dvc exp run`; call on checked overrides only.
-    Values are written as JSON, which DVC reads back as YAML of the same type."""
-    args = []
-    for key, value in sorted(overrides.items()):
-        args += ["-S", f"{key}={json.dumps(value)}"]
-    return args
 
 
 def results_table(rows: list[dict], metric: str = KAGGLE_F1):
@@ -190,11 +184,12 @@ def launch(deployment: str, parameters: dict) -> str:
 
 @flow(name="train", log_prints=True)
 def train(overrides: dict | None = None, repo: str | None = None, promote: bool = True,
-          only_if_data_changed: bool = False) -> dict:
-    """One training run of the DVC pipeline with `overrides` (e.g. {"train.epochs": 3})."""
+          only_if_data_changed: bool = False, params_set: str | None = None) -> dict:
+    """One training run of the DVC pipeline with `overrides` (e.g. {"train.epochs": 3}) on top of the
+    named `params_set` (e.g. "gpu"), if any."""
     t0 = time.time()
     repo_path = resolve_repo(repo)
-    overrides, params = checked_overrides(repo_path, overrides)
+    overrides, params = checked_overrides(repo_path, overrides, params_set)
     uri = tracking.tracking_uri(repo_path)
     name = experiment_name(flow_run.get_name(), t0)
     with working_copy(repo_path) as work:
@@ -246,11 +241,13 @@ def sweep(param_sets: list[dict], repo: str | None = None, deployment: str | Non
 
 @flow(name="cross_validate", log_prints=True)
 def cross_validate(folds: int = 5, overrides: dict | None = None, repo: str | None = None,
-                   deployment: str | None = "train/gpu") -> dict:
-    """k-fold cross-validation: fold i of `split.folds` = k as validation, all folds at once."""
+                   deployment: str | None = "train/gpu", params_set: str | None = None) -> dict:
+    """k-fold cross-validation: fold i of `split.folds` = k as validation, all folds at once, of
+    params.yaml or of a named `params_set` (the same as `covseg cv`, spread over the pool)."""
     repo_path = resolve_repo(repo)
     deployment = checked_deployment(deployment)
-    sets = [{**(overrides or {}), "split.folds": folds, "split.fold": i} for i in range(folds)]
+    base, _ = checked_overrides(repo_path, overrides, params_set)
+    sets = [{**base, "split.folds": folds, "split.fold": i} for i in range(folds)]
     rows = _fan_out(sets, repo_path, deployment)
     summary = {**fold_summary([r[KAGGLE_F1] for r in rows]), "runs": rows}
     print(f"{folds}-fold {KAGGLE_F1} {summary[f'{KAGGLE_F1}_mean']:.4f} +- {summary[f'{KAGGLE_F1}_std']:.4f}")
@@ -258,7 +255,7 @@ def cross_validate(folds: int = 5, overrides: dict | None = None, repo: str | No
 
 
 def main(argv: list[str]) -> None:
-    """python -m flows.pipeline train '{"train.epochs": 3}' | sweep '[{...}, {...}]' | cross_validate 5"""
+    """python -m flows.pipeline train '{"train.epochs": 3}' | sweep '[{...}, {...}]' | cross_validate 5 [SET]"""
     if not argv or argv[0] not in ("train", "sweep", "cross_validate"):
         raise SystemExit(main.__doc__)
     command, arg = argv[0], (argv[1] if len(argv) > 1 else None)
@@ -268,7 +265,7 @@ def main(argv: list[str]) -> None:
     elif command == "sweep":
         result = sweep(json.loads(arg), deployment=deployment)
     else:
-        result = cross_validate(int(arg or 5), deployment=deployment)
+        result = cross_validate(int(arg or 5), deployment=deployment, params_set=argv[2] if len(argv) > 2 else None)
     print(json.dumps(result, indent=1, default=str))
 
 

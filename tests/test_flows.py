@@ -120,3 +120,12 @@ def test_sweep_refuses_every_set_before_running_any(fake_pipeline):
     with pytest.raises(ParamsError, match=r"train\.lr = -1"):
         pipeline.sweep([{"train.lr": 0.001}, {"train.lr": -1}], deployment=None)
     assert fake_pipeline == []
+
+
+def test_a_named_params_set_is_applied_under_the_overrides(fake_pipeline):
+    summary = pipeline.cross_validate(folds=2, overrides={"train.epochs": 3}, params_set="seed", deployment=None)
+    runs = [c[1] for c in fake_pipeline if c[0] == "dvc exp run"]
+    assert len(runs) == 2 and summary["folds"] == 2
+    assert all(r["train.lr"] == 0.0001 and r["model.base_channels"] == 64 and r["train.epochs"] == 3 for r in runs)
+    with pytest.raises(ParamsError, match="no set 'nope'"):
+        pipeline.train(params_set="nope")

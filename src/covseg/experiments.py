@@ -9,13 +9,19 @@ from covseg.errors import CovsegError, ParamsError
 from covseg.params import Params
 
 
-def set_arguments(params: Params, name: str) -> list[str]:
-    """`-S key=value` arguments of the set (values as JSON, which DVC reads as YAML), checked first."""
-    params.with_set(name)  # raises ParamsError naming the key if the set does not give valid params
+def override_args(overrides: dict) -> list[str]:
+    """{'train.epochs': 3} -> ['-S', 'train.epochs=3'] for `dvc exp run`; call on checked overrides only.
+    Values are written as JSON, which DVC reads back as YAML of the same type."""
     args = []
-    for key, value in params.sets[name].items():
+    for key, value in sorted(overrides.items()):
         args += ["-S", f"{key}={json.dumps(value)}"]
     return args
+
+
+def set_arguments(params: Params, name: str) -> list[str]:
+    """`-S key=value` arguments of the set, checked first."""
+    params.with_set(name)  # raises ParamsError naming the key if the set does not give valid params
+    return override_args(params.sets[name])
 
 
 def run_set(params: Params, name: str, exp_name: str | None = None, queue: bool = False) -> None:
