@@ -39,9 +39,18 @@ def test_stage_commands_use_the_default_paths():
             for stage, s in stages.items()}
     assert outs["validate"] == [PATHS.validation]
     assert outs["preprocess"] == [PATHS.processed]
-    assert set(outs["train"]) == {PATHS.model, PATHS.history}
+    assert set(outs["train"]) == {PATHS.model, PATHS.train_state, PATHS.history}
     assert set(outs["evaluate"]) == {PATHS.evaluation, PATHS.metrics}
     assert set(outs["submit"]) == {f"{PATHS.submission}/submission.csv", f"{PATHS.submission}/test_masks.npy"}
     assert tuple(stages) == STAGES
     for stage in STAGES:
         assert stages[stage]["cmd"].split()[:2] == ["covseg", stage]
+
+
+def test_the_training_state_survives_dvc_between_runs():
+    """DVC removes a stage's outputs before it runs; the state a killed training resumes from must be kept
+    (persist) and never cached (it changes every epoch)."""
+    train = dvc_stages()["train"]
+    state = next(o[PATHS.train_state] for o in train["outs"] if isinstance(o, dict) and PATHS.train_state in o)
+    assert state == {"persist": True, "cache": False}
+    assert f"--state {PATHS.train_state}" in train["cmd"]

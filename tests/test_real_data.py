@@ -13,11 +13,11 @@ pytestmark = [pytest.mark.slow,
 
 
 def test_pipeline_on_real_data_beats_a_trivial_predictor(new_project, sh):
-    # the project's own model and training params (3 epochs); tiny synthetic data only until the import
+    # the project's own model and training params (10 epochs); tiny synthetic data only until the import
     project = new_project({"synth.n_labelled": 5, "synth.n_test": 1, "synth.size": 64}, tiny=False)
     sh(f"covseg data import {REAL}", project)
     sh("git add -A && git commit -qm 'real data'", project)
-    sh("dvc exp run -S train.epochs=3", project)
+    sh("dvc exp run -S train.epochs=10", project)
     metrics = json.loads((project / "reports/metrics.json").read_text())
     print(json.dumps(metrics, indent=1))
     assert metrics["kaggle_f1"] > max(0.15, 3 * metrics["trivial_kaggle_f1"])

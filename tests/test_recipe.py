@@ -188,3 +188,56 @@ def test_cross_validation_reports_mean_and_spread_and_resumes(params, tiny_raw, 
         crossval.cross_validate(tiny_raw, p.override({"train.lr": 0.01}), out, folds=[0], name="tiny")
     with pytest.raises(ParamsError, match=r"folds \[3\]"):
         crossval.cross_validate(tiny_raw, p, out, folds=[3])
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("select", ["last", "best"])
+def test_a_killed_training_resumes_to_the_same_result(params, slices, tmp_path, select):
+    x, y = slices
+    p = params.override({**TINY_TRAIN, "train.epochs": 4, "train.val_every": 1, "train.select": select})
+    data = (x[:6], y[:6], x[6:], y[6:])
+    whole = train(p.train, p.model, p.seed, *data, tmp_path / "whole.pt", state=tmp_path / "whole.state")
+
+    def kill_after_epoch_2(row):
+        if row["epoch"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=kill_after_epoch_2,
+              state=tmp_path / "m.state")
+    (tmp_path / "m.pt").unlink(missing_ok=True)  # DVC removes a stage's outputs before it runs again
+    seen = []
+    resumed = train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=seen.append,
+                    state=tmp_path / "m.state")
+    assert [r["epoch"] for r in seen] == [1, 2, 3, 4], "the earlier epochs are reported again (MLflow)"
+    columns = [c for c in whole.columns if c != "seconds"]
+    pd_whole, pd_resumed = whole[columns].to_numpy(), resumed[columns].to_numpy()
+    assert np.allclose(pd_whole, pd_resumed, atol=1e-6, equal_nan=True)
+    a, ca = load_checkpoint(tmp_path / "whole.pt")
+    b, cb = load_checkpoint(tmp_path / "m.pt")
+    assert ca["epoch"] == cb["epoch"]
+    assert all(torch.allclose(v, b.unet.state_dict()[k], atol=1e-6) for k, v in a.unet.state_dict().items()
+               if v.is_floating_point())
+
+
+def test_a_finished_or_other_training_is_not_resumed(params, slices, tmp_path):
+    x, y = slices
+    p = params.override({**TINY_TRAIN, "train.epochs": 2})
+    data = (x[:6], y[:6], x[6:], y[6:])
+    train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", state=tmp_path / "m.state")
+    seen = []
+    train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=seen.append, state=tmp_path / "m.state")
+    assert len(seen) == 2, "a finished run starts afresh"
+
+    def kill(row):
+        raise Killed
+
+    with pytest.raises(Killed):
+        train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=kill, state=tmp_path / "m.state")
+    seen = []
+    q = p.override({"train.lr": 0.01})
+    train(q.train, q.model, q.seed, *data, tmp_path / "m.pt", on_epoch=seen.append, state=tmp_path / "m.state")
+    assert [r["epoch"] for r in seen] == [1, 2], "a state of other params is not resumed"

@@ -64,7 +64,7 @@ def cmd_train(args, params: Params) -> None:
     from covseg.stages import train
 
     result = train.run(args.data, args.model, args.history, params.seed, params.model, params.train,
-                       params.tracking, params.flat())
+                       params.tracking, params.flat(), args.state or None)
     print(f"best epoch {result['best_epoch']}: val_kaggle_f1 {result['val_kaggle_f1']:.4f} -> {args.model} "
           f"(MLflow run {result['mlflow_run_id']})")
 
@@ -147,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
           raw=PATHS.raw, report=PATHS.validation)
     stage("preprocess", "stage: HU window, class indices, stratified split (of data that passed validate)",
           cmd_preprocess, raw=PATHS.raw, report=PATHS.validation, out=PATHS.processed)
-    stage("train", "stage: train the U-Net, keep the best checkpoint", cmd_train,
-          data=PATHS.processed, model=PATHS.model, history=PATHS.history)
+    p = stage("train", "stage: train the U-Net, keep the last (or best) checkpoint", cmd_train,
+              data=PATHS.processed, model=PATHS.model, history=PATHS.history)
+    p.add_argument("--state", default=PATHS.train_state,
+                   help="state saved after every epoch; a killed run resumes from it ('' for none)")
     p = stage("evaluate", "stage: validation metrics, per-slice table, plots", cmd_evaluate,
               data=PATHS.processed, history=PATHS.history, metrics=PATHS.metrics, validation=PATHS.validation,
               out=PATHS.evaluation)

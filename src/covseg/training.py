@@ -2,6 +2,8 @@
 Readable in one sitting."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import time
@@ -19,12 +21,14 @@ from monai.transforms import (
     RandCropByLabelClassesd,
     RandFlipd,
     RandGaussianNoised,
+    Randomizable,
     RandScaleIntensityd,
     RandShiftIntensityd,
 )
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from covseg.atomic import atomic_output
 from covseg.errors import CovsegError
 from covseg.evaluation import confusion_matrix, dice_metrics, summary_metrics
 from covseg.model import Segmenter, build_model, pick_device, predict_logits, resize, save_checkpoint
@@ -106,12 +110,80 @@ def warm_start(net: torch.nn.Module, spec: str, device: torch.device) -> None:
                           f"({str(exc).splitlines()[0]})") from None
 
 
+def _random_states(transform: Compose | None) -> list[np.random.RandomState]:
+    """Every random generator of the augmentation (the Compose's, each transform's and those inside
+    them, such as a cropper's), in a fixed order."""
+    found, todo, seen = [], [transform] if transform is not None else [], set()
+    while todo:
+        obj = todo.pop(0)
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        for value in vars(obj).values():
+            if isinstance(value, np.random.RandomState) and id(value) not in seen:
+                seen.add(id(value))
+                found.append(value)
+            elif isinstance(value, Randomizable | Compose):
+                todo.append(value)
+            elif isinstance(value, list | tuple):
+                todo += [v for v in value if isinstance(v, Randomizable | Compose)]
+    return found
+
+
+def recipe_key(t: Train, m: ModelParams, seed: int, *arrays: np.ndarray) -> str:
+    """What a training's result depends on: params (not the device) and the data."""
+    h = hashlib.sha256(json.dumps([t.model_dump(exclude={"device"}), m.model_dump(), seed]).encode())
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+class TrainingState:
+    """A training's state after each epoch (weights, optimizer, schedule, every random generator, the
+    history, the best weights so far), written atomically to `path`, so a killed run resumes exactly
+    where it stopped. Tensors and plain lists only: loaded with weights_only, nothing is unpickled."""
+
+    def __init__(self, path: str | Path | None, key: str):
+        self.path, self.key = (Path(path) if path else None), key
+
+    def save(self, epoch: int, finished: bool, net, optimizer, scheduler, generator, transform, history, best,
+             best_net) -> None:
+        if self.path is None:
+            return
+        rngs = [[name, keys.tolist(), pos, gauss, cached]
+                for name, keys, pos, gauss, cached in (r.get_state() for r in _random_states(transform))]
+        with atomic_output(self.path) as tmp:
+            torch.save({"recipe": self.key, "epoch": epoch, "finished": finished, "net": net.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state(), "loader_rng": generator.get_state(), "numpy_rngs": rngs,
+                        "history": json.dumps(history), "best": best, "best_net": best_net}, tmp)
+
+    def load(self) -> dict | None:
+        """The state of an unfinished run of the same recipe, or None (start afresh)."""
+        if self.path is None or not self.path.is_file():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        return state if state.get("recipe") == self.key and not state.get("finished") else None
+
+    @staticmethod
+    def restore(state: dict, net, optimizer, scheduler, generator, transform) -> None:
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        generator.set_state(state["loader_rng"])
+        for rng, (name, keys, pos, gauss, cached) in zip(_random_states(transform), state["numpy_rngs"], strict=True):
+            rng.set_state((name, np.asarray(keys, dtype=np.uint32), pos, gauss, cached))
+
+
 def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_labels: np.ndarray,
           val_images: np.ndarray, val_labels: np.ndarray, checkpoint: str | Path,
-          on_epoch: Callable[[dict], None] | None = None) -> pd.DataFrame:
+          on_epoch: Callable[[dict], None] | None = None, state: str | Path | None = None) -> pd.DataFrame:
     """Train the U-Net and write `checkpoint`: the last epoch's model (`t.select: last`, a schedule
     fixed in advance, e.g. by cross-validation) or the one of the best validation kaggle_f1
-    (`best`). Validation is scored every `t.val_every` epochs and at the last; returns the history."""
+    (`best`). Validation is scored every `t.val_every` epochs and at the last; returns the history.
+    With `state`, the run is saved after every epoch and an unfinished run of the same params and
+    data resumes from it (its earlier epochs are passed to `on_epoch` again), to the same result."""
     set_seed(seed)
     device = pick_device(t.device)
 
@@ -121,8 +193,9 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
     transform = augmentation(t, min(x.shape[-2:]), seed)
     dataset = Dataset([{"image": xi, "label": yi} for xi, yi in zip(x, y)], transform)
     # torch's DataLoader: MONAI's would re-seed the transforms from the generator
+    generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True, drop_last=len(dataset) > t.batch_size,
-                        generator=torch.Generator().manual_seed(seed), collate_fn=list_data_collate)
+                        generator=generator, collate_fn=list_data_collate)
 
     net = build_model(m).to(device)
     if t.init:
@@ -132,8 +205,23 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
     loss_fn = make_loss(t, device)
     val_target = torch.from_numpy(val_labels).long()
 
-    history, best = [], -1.0
-    for epoch in range(1, t.epochs + 1):
+    saved = TrainingState(state, recipe_key(t, m, seed, train_images, train_labels, val_images, val_labels))
+    history, best, best_net, first = [], -1.0, None, 1
+    resumed = saved.load()
+    if resumed is not None:
+        saved.restore(resumed, net, optimizer, scheduler, generator, transform)
+        history, best, best_net = json.loads(resumed["history"]), resumed["best"], resumed["best_net"]
+        first = resumed["epoch"] + 1
+        if best_net is not None:  # the best checkpoint so far, as the killed run had written it
+            best_epoch = max((r for r in history if "val_loss" in r), key=lambda r: r[f"val_{KAGGLE_F1}"])["epoch"]
+            keep_net = build_model(m)
+            keep_net.load_state_dict(best_net)
+            save_checkpoint(Segmenter(keep_net, t.scale, m.tta, m.min_island), checkpoint, epoch=best_epoch,
+                            val_kaggle_f1=best)
+        tqdm.write(f"resuming from epoch {resumed['epoch']} of {t.epochs} ({saved.path})")
+        for row in history if on_epoch is not None else []:
+            on_epoch(row)
+    for epoch in range(first, t.epochs + 1):
         start = time.perf_counter()
         net.train()
         losses = []
@@ -161,8 +249,11 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
             if keep:
                 best = metrics[KAGGLE_F1]
                 save_checkpoint(model, checkpoint, epoch=epoch, val_kaggle_f1=best)
+                if t.select == "best":
+                    best_net = {k: v.detach().clone() for k, v in net.state_dict().items()}
         row["seconds"] = time.perf_counter() - start
         history.append(row)
+        saved.save(epoch, epoch == t.epochs, net, optimizer, scheduler, generator, transform, history, best, best_net)
         tqdm.write(f"epoch {epoch:3d}  train_loss {row['train_loss']:.4f}"
                    + (f"  val_loss {row['val_loss']:.4f}  val_kaggle_f1 {row[f'val_{KAGGLE_F1}']:.4f}"
                       if "val_loss" in row else "") + f"  ({row['seconds']:.1f}s)")

@@ -15,8 +15,9 @@ from covseg.training import train
 
 
 def run(data: str | Path, model: str | Path, history: str | Path, seed: int, m: ModelParams, t: Train,
-        trk: Tracking, logged_params: dict) -> dict:
-    """Train on `data`; write the best checkpoint to `model` and the per-epoch history to `history`.
+        trk: Tracking, logged_params: dict, state: str | Path | None = None) -> dict:
+    """Train on `data`; write the checkpoint to `model` and the per-epoch history to `history`.
+    With `state`, a killed run resumes from its last finished epoch (covseg.training.TrainingState).
 
     An MLflow run in `trk.experiment` records `logged_params` (the command line passes all of
     params.yaml, flattened), every epoch's metrics, the model and the history.
@@ -26,7 +27,8 @@ def run(data: str | Path, model: str | Path, history: str | Path, seed: int, m: 
     x_val, y_val = load_processed(data, "val")
     with tracking.start_training_run(trk.experiment, logged_params) as mlflow_run:
         with atomic_output(model) as partial, atomic_output(history) as history_tmp:
-            table = train(t, m, seed, x_train, y_train, x_val, y_val, partial, on_epoch=tracking.log_epoch)
+            table = train(t, m, seed, x_train, y_train, x_val, y_val, partial, on_epoch=tracking.log_epoch,
+                          state=state)
             net, ckpt = load_checkpoint(partial)
             model_uri = tracking.log_model(net, x_val.shape[1:])
             save_checkpoint(net, partial, epoch=ckpt["epoch"], val_kaggle_f1=ckpt["val_kaggle_f1"],
