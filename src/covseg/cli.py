@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from covseg.errors import CovsegError
+from covseg.errors import CovsegError, ParamsError
 from covseg.names import PATHS
 from covseg.params import Params, load_params
 
@@ -102,11 +102,17 @@ def cmd_promote(args, params: Params) -> None:
 
 
 def cmd_cv(args, params: Params) -> None:
+    import yaml
+
     from covseg.crossval import cross_validate, describe
 
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
     out = args.out or f"{PATHS.cv}/{args.set or 'params'}.json"
-    summary = cross_validate(args.raw, params.with_set(args.set), out, folds, args.set or "")
+    if any("=" not in item for item in args.override):
+        raise ParamsError(f"-S {next(i for i in args.override if '=' not in i)!r}: expected KEY=VALUE")
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.override)}
+    summary = cross_validate(args.raw, params.with_set(args.set).override(overrides, "-S"), out, folds,
+                             args.set or "")
     print(describe(summary))
     print(f"-> {out}")
 
@@ -163,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", default=PATHS.raw)
     p.add_argument("--set", help="a named set of overrides from params.yaml:sets (seed, old_default, gpu, ...)")
     p.add_argument("--folds", help="only these folds, comma-separated (default: all split.folds)")
+    p.add_argument("-S", dest="override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a params override on top (as dvc exp run -S), e.g. -S train.lr=0.001")
     p.add_argument("--out", help=f"summary JSON (default: {PATHS.cv}/<set>.json)")
     p.set_defaults(func=cmd_cv)
     exp = sub.add_parser("exp", help="DVC experiments of a named params set")

@@ -77,6 +77,7 @@ class Train(Section):
     class_weights: list[Weight] = Field(min_length=NUM_CLASSES, max_length=NUM_CLASSES)
     crop: int = Field(ge=0)
     crops_per_slice: int = Field(ge=1)
+    crop_ratios: list[Weight] = Field(min_length=NUM_CLASSES, max_length=NUM_CLASSES)
     augment: bool
     aug_rotate: float = Field(ge=0, le=3.15)
     aug_scale: float = Field(ge=0, lt=1)

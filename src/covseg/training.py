@@ -45,13 +45,14 @@ def set_seed(seed: int) -> None:
 
 def augmentation(t: Train, size: int, seed: int) -> Compose | None:
     """MONAI transforms of a {'image', 'label'} pair (labels by nearest): random crops of `t.crop`
-    pixels centred on each class in turn (so findings are sampled as often as background), then, with
+    pixels centred on a pixel of each class in proportion to `t.crop_ratios` (so findings are sampled
+    more often than their share of the slice), then, with
     `t.augment`, flips, rotation / scale / shift, gamma, intensity and noise."""
     keys = ["image", "label"]
     steps = []
     if t.crop and t.crop < size:
         steps.append(RandCropByLabelClassesd(keys, label_key="label", spatial_size=(t.crop, t.crop),
-                                             ratios=[1.0] * NUM_CLASSES, num_classes=NUM_CLASSES,
+                                             ratios=list(t.crop_ratios), num_classes=NUM_CLASSES,
                                              num_samples=t.crops_per_slice, warn=False))
     if t.augment:
         steps += [
