@@ -32,13 +32,13 @@ def logits(model, x: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(x)).numpy()
 
 
-def log_and_register(model, size: int = 64, name: str = NAME) -> tuple[str, int]:
-    """Log `model` as the train stage does, register it; returns (the logged model's URI, version)."""
+def log_and_register(model, size: int = 64, name: str = NAME) -> tuple[str, int, str]:
+    """Log `model` as the train stage does, register it; returns (the logged model's URI, version, run id)."""
     tracking.configure("covseg")
     with mlflow.start_run() as run:
         uri = tracking.log_model(model, (size, size))
     version = mlflow.register_model(uri, name).version  # as the evaluate stage registers it
-    return uri, int(version)
+    return uri, int(version), run.info.run_id
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def no_unpickling(monkeypatch):
 def test_logged_model_is_weights_and_code_and_loads_by_version_and_alias(mlflow_store, tmp_path, no_unpickling):
     net = tiny_model()
     t = time.perf_counter()
-    model_uri, version = log_and_register(net)
+    model_uri, version, run_id = log_and_register(net)
     assert time.perf_counter() - t < 20  # no requirement inference
     MlflowClient().set_registered_model_alias(NAME, CHAMPION, version)
     x = np.random.default_rng(0).random((3, 1, 64, 48), dtype=np.float32)  # any N, H, W
@@ -83,7 +83,7 @@ def test_logged_model_is_weights_and_code_and_loads_by_version_and_alias(mlflow_
     stored, facts = load_checkpoint(f"{local}/{flavor['artifacts'][MODEL_CHECKPOINT]['path']}")
     assert np.array_equal(logits(stored, x), expected) and set(facts) >= {"config", "scale", "state_dict"}
 
-    for uri in (f"models:/{NAME}/{version}", f"models:/{NAME}@{CHAMPION}", model_uri):
+    for uri in (f"models:/{NAME}/{version}", f"models:/{NAME}@{CHAMPION}", model_uri, f"runs:/{run_id}/model"):
         model, facts = load_model(uri)  # what evaluate, submit and promote call
         assert isinstance(model, Segmenter) and not model.training and facts == {}
         assert np.array_equal(logits(model, x), expected), uri
@@ -163,7 +163,7 @@ def test_mlflow_models_serve_the_champion(mlflow_store, tmp_path):
     from servers import model_server
 
     net = tiny_model()
-    _, version = log_and_register(net)
+    _, version, _ = log_and_register(net)
     MlflowClient().set_registered_model_alias(NAME, CHAMPION, version)
     x = np.random.default_rng(2).random((2, 1, 64, 64), dtype=np.float32)
     with model_server(tmp_path, f"models:/{NAME}@{CHAMPION}",
