@@ -130,7 +130,7 @@ def test_checkpoint_that_is_not_weights_only_is_refused(mlflow_store, tmp_path):
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="model", python_model=find_spec("covseg.mlflow_model").origin,
                                        artifacts={MODEL_CHECKPOINT: str(whole)}, pip_requirements=["covseg"])
-    with pytest.raises(CovsegError, match=rf"model {info.model_uri}: its checkpoint .* does not load weights only"):
+    with pytest.raises(CovsegError, match=rf"model {info.model_uri}: its checkpoint .* does not load, weights only"):
         load_model(info.model_uri)
     with pytest.raises(CovsegError, match="models:/nope/1: cannot be read"):
         load_model("models:/nope/1")

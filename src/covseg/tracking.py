@@ -102,7 +102,6 @@ def log_model(model, example_shape: tuple[int, int]) -> str:
     Nothing is pickled; the signature takes any (N, 1, H, W) and the input example is (1, 1, H, W).
     """
     import tempfile
-    from importlib.util import find_spec
 
     import torch
 
@@ -114,7 +113,7 @@ def log_model(model, example_shape: tuple[int, int]) -> str:
         checkpoint = Path(tmp) / MODEL_CHECKPOINT_FILE
         save_checkpoint(model, checkpoint)
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=find_spec(f"covseg.{Path(MODEL_CODE_FILE).stem}").origin,
+            name="model", python_model=str(Path(__file__).with_name(MODEL_CODE_FILE)),
             artifacts={MODEL_CHECKPOINT: str(checkpoint)}, signature=signature(), input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
                               f"mlflow=={mlflow.__version__}", "covseg"])
@@ -156,7 +155,8 @@ def load_model(uri: str, device="cpu"):
         try:
             model, _ = load_checkpoint(checkpoint, device)
         except Exception as e:  # not a weights-only checkpoint, or weights that do not fit the network
-            raise CovsegError(f"model {uri}: its checkpoint {artifact} does not load weights only: {e}") from e
+            raise CovsegError(f"model {uri}: its checkpoint {artifact} does not load, weights only, "
+                              f"into covseg's network: {e}") from e
     return model
 
 
