@@ -10,7 +10,7 @@ import yaml
 
 from covseg import shell
 from covseg.data import synthesize, write_raw
-from covseg.names import ENV_TRACKING_URI, PATHS, STAGES
+from covseg.names import ENV_ALLOW_PICKLE, ENV_TRACKING_URI, PATHS, STAGES
 from covseg.params import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +54,10 @@ def tiny_raw(tmp_path, tiny_arrays) -> Path:
 
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch) -> str:
-    """An embedded MLflow store of this test's own."""
+    """An embedded MLflow store of this test's own; MLflow may not unpickle anything while it is used."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv(ENV_TRACKING_URI, uri)
+    monkeypatch.setenv(ENV_ALLOW_PICKLE, "false")
     return uri
 
 

@@ -100,3 +100,22 @@ def prefect_workers(root: Path, env: dict, pool: str, count: int, pins: list[str
     finally:
         for proc in procs:  # workers before the server
             stop(proc)
+
+
+@contextmanager
+def model_server(root: Path, model_uri: str, env: dict):
+    """`mlflow models serve` of `model_uri` in this environment (--env-manager local) updated by `env`;
+    yields its URL (POST {url}/invocations)."""
+    port = free_port()
+    log = open(root / "model-server.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **env})
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/ping", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+        log.close()

@@ -8,12 +8,18 @@ import pytest
 from mlflow import MlflowClient
 
 from covseg import registry
-from covseg.model import load_checkpoint, predict_labels
-from covseg.names import ENV_TRACKING_URI
+from covseg.model import load_checkpoint, load_model, predict_labels
+from covseg.names import ENV_ALLOW_PICKLE, ENV_TRACKING_URI
 from covseg.preprocessing import load_processed
 
 pytestmark = pytest.mark.slow
 LEARNS = {"model.base_channels": 8, "train.epochs": 30, "train.lr": 0.01, "registry.min_score": 0.1}
+
+
+@pytest.fixture(autouse=True)
+def _no_pickle(monkeypatch):
+    """Every command here (dvc repro, covseg promote / submit) runs with MLflow's unpickling refused."""
+    monkeypatch.setenv(ENV_ALLOW_PICKLE, "false")
 
 
 def _client(uri):
@@ -63,7 +69,9 @@ def test_server_tracking_registry_and_promotion(new_project, sh, mlflow_server):
 
     # the champion from the registry reproduces the run's predictions exactly
     images, labels = load_processed(project / "data/processed", "val")
-    champion = mlflow.pytorch.load_model("models:/covseg-unet@champion")
+    champion, _ = load_model("models:/covseg-unet@champion")
+    served = mlflow.pyfunc.load_model("models:/covseg-unet@champion")  # as `mlflow models serve` loads it
+    assert np.array_equal(served.predict(images[:, None]).argmax(1), predict_labels(champion, images))
     checkpoint, ckpt = load_checkpoint(project / "models/model.pt")
     assert np.array_equal(predict_labels(champion, images), predict_labels(checkpoint, images))
     sh("covseg submit --model models:/covseg-unet@champion --out from_registry", project)

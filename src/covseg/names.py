@@ -49,6 +49,10 @@ TAG_FLOW_RUN, TAG_BEST_EPOCH, TAG_PROMOTION = "prefect_flow_run_id", "best_epoch
 TAG_CUDA_DEVICES = "cuda_visible_devices"  # the GPUs the run was pinned to ("(unset)": all it could see)
 CHALLENGER, CHAMPION = "challenger", "champion"
 
+# The registry model (an MLflow pyfunc logged as code): the code file MLflow runs to load it, the name and
+# file of its one artifact, a weights-only checkpoint (covseg.model.save_checkpoint).
+MODEL_CODE_FILE, MODEL_CHECKPOINT, MODEL_CHECKPOINT_FILE = "mlflow_model.py", "checkpoint", "checkpoint.pt"
+
 # Environment variables covseg reads.
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 ENV_FLOW_RUN = "COVSEG_PREFECT_FLOW_RUN_ID"  # set by the flows, becomes TAG_FLOW_RUN
@@ -56,4 +60,5 @@ ENV_REPO = "COVSEG_REPO"                    # the checkout the Prefect workers r
 ENV_DEPLOYMENT = "COVSEG_DEPLOYMENT"        # the deployment sweep / cross_validate fan out to
 ENV_REAL_DATA = "COVSEG_REAL_DATA"          # tests: a Kaggle-layout folder of real slices
 ENV_DVC_ROOT, ENV_DVC_EXP_NAME = "DVC_ROOT", "DVC_EXP_NAME"  # set by DVC for the stages it runs
+ENV_ALLOW_PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"  # tests: "false", MLflow refuses to unpickle
 ENV_CUDA_DEVICES = "CUDA_VISIBLE_DEVICES"  # a GPU worker's pinning (infra/start-gpu-worker.sh)
