@@ -276,6 +276,7 @@ def _read_dicom(source: Source, pp: Predict) -> Scan:
     row_cos, col_cos = first["iop"][:3], first["iop"][3:]
     normal = np.cross(row_cos, col_cos)
     slices.sort(key=lambda s: float(s["ipp"] @ normal))
+    first = slices[0]  # the affine's origin: the first slice along the normal, not the first file read
     positions = np.array([s["ipp"] for s in slices])
     tol = pp.dicom_tolerance_mm
     if len(slices) > 1:
@@ -389,7 +390,7 @@ def write_labels(scan: Scan, labels: np.ndarray, path: Path) -> Path:
         elif kind == IMAGE:
             from PIL import Image
 
-            img = Image.fromarray(labels[0], mode="P")
+            img = Image.fromarray(labels[0])  # L; the palette makes it P, pixel values stay class indices
             img.putpalette(PALETTE)
             img.save(tmp, format="PNG")
         else:
