@@ -135,6 +135,7 @@ class Predict(Section):
     dicom_tolerance_mm: float = Field(gt=0)  # DICOM slice positions / spacings that agree within this
     overlays: int = Field(ge=0)           # overlay PNGs per scan: the slices with most findings
     severity_thresholds: list[Percent] = Field(min_length=1)
+    chunk_size: int = Field(ge=1)         # scans per task of the predict flow (flows/predict.py)
 
     @field_validator("device")
     @classmethod

@@ -173,7 +173,7 @@ def assign_names(sources: list[Source], index: dict[str, str]) -> list[str]:
 
 
 def _load(model, device):
-    if not isinstance(model, (str, Path)):
+    if not isinstance(model, str | Path):
         return model.to(device).eval()
     from covseg.model import load_model
 
@@ -225,9 +225,33 @@ def predict_one(scan: Scan, name: str, model, out: Path, pp: Predict, win: Windo
     return row, slice_rows(name, labels, pixel_area, scan.slice_names)
 
 
+def write_report(out: Path, scan_rows: list[dict], slices: list[dict], failed: list[dict], skipped: list[str],
+                 pp: Predict, win: Window, facts: dict) -> Path:
+    """report_slices.csv, report_scans.csv and report.json under `out`, each written atomically."""
+    ok = [r for r in scan_rows if r["status"] == "ok"]
+    report = {
+        **facts, "window": win.model_dump(), "predict": pp.model_dump(),
+        "severity": {"of": "involvement_percent = 100 * (ground glass + consolidation) / lung pixels",
+                     "thresholds_percent": list(pp.severity_thresholds),
+                     "grades": grade_legend(list(pp.severity_thresholds))},
+        "classes": list(CLASSES),
+        "summary": {"inputs": len(scan_rows), "ok": len(ok), "failed": len(failed), "skipped": len(skipped)},
+        "scans": scan_rows, "failed": failed, "skipped": skipped,
+    }
+    with atomic_output(out / PREDICT_REPORT_SLICES) as tmp:
+        pd.DataFrame(slices, columns=list(SLICE_COLUMNS)).to_csv(tmp, index=False)
+    with atomic_output(out / PREDICT_REPORT_SCANS) as tmp:
+        table = pd.DataFrame(scan_rows, columns=list(SCAN_COLUMNS))
+        table["overlays"] = table["overlays"].map(lambda v: ";".join(v) if isinstance(v, list) else "")
+        for column in ("slices", "height", "width", "lung_pixels", "severity_grade"):
+            table[column] = table[column].astype("Int64")  # blank, not NaN, on a failed scan's row
+        table.to_csv(tmp, index=False)
+    return write_json(report, out / PREDICT_REPORT_JSON)
+
+
 def predict_scans(inputs: list[str | Path], out: str | Path, model, pp: Predict, win: Window,
                   progress: bool = True) -> dict:
-    """Predict every scan in `inputs` (files, folders, glob patterns) with `model` (a checkpoint path, an
+    """Predict every scan in `inputs` (files, folders, glob patterns, or `Source`s) with `model` (a checkpoint path, an
     MLflow model URI, or a loaded torch module); write label maps, overlays and the report under `out`.
 
     Returns {"scans": [row per scan, failures included], "failed": [{"input", "error"}], "skipped": [...],
@@ -282,25 +306,7 @@ def predict_scans(inputs: list[str | Path], out: str | Path, model, pp: Predict,
             all_slices += rows
             index[name] = str(src.path.resolve())
             write_json(dict(sorted(index.items())), index_path)
-    ok = [r for r in scan_rows if r["status"] == "ok"]
-    report = {
-        "model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
-        "device": str(device), "threads": torch.get_num_threads(),
-        "window": win.model_dump(), "predict": pp.model_dump(),
-        "severity": {"of": "involvement_percent = 100 * (ground glass + consolidation) / lung pixels",
-                     "thresholds_percent": list(pp.severity_thresholds),
-                     "grades": grade_legend(list(pp.severity_thresholds))},
-        "classes": list(CLASSES),
-        "summary": {"inputs": len(scan_rows), "ok": len(ok), "failed": len(failed), "skipped": len(skipped)},
-        "scans": scan_rows, "failed": failed, "skipped": skipped,
-    }
-    with atomic_output(out / PREDICT_REPORT_SLICES) as tmp:
-        pd.DataFrame(all_slices, columns=list(SLICE_COLUMNS)).to_csv(tmp, index=False)
-    with atomic_output(out / PREDICT_REPORT_SCANS) as tmp:
-        table = pd.DataFrame(scan_rows, columns=list(SCAN_COLUMNS))
-        table["overlays"] = table["overlays"].map(lambda v: ";".join(v) if isinstance(v, list) else "")
-        for column in ("slices", "height", "width", "lung_pixels", "severity_grade"):
-            table[column] = table[column].astype("Int64")  # blank, not NaN, on a failed scan's row
-        table.to_csv(tmp, index=False)
-    write_json(report, out / PREDICT_REPORT_JSON)
-    return {"scans": scan_rows, "failed": failed, "skipped": skipped, "report": out / PREDICT_REPORT_JSON}
+    report = write_report(out, scan_rows, all_slices, failed, skipped, pp, win, {
+        "model": str(model) if isinstance(model, str | Path) else type(model).__name__,
+        "device": str(device), "threads": torch.get_num_threads()})
+    return {"scans": scan_rows, "failed": failed, "skipped": skipped, "report": report}

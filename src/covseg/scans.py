@@ -73,7 +73,7 @@ def is_dicom(path: Path) -> bool:
         return False
 
 
-def find_sources(inputs: Iterable[str | Path], exclude: Path | None = None) -> tuple[list[Source], list[dict],
+def find_sources(inputs: Iterable[str | Path | Source], exclude: Path | None = None) -> tuple[list[Source], list[dict],
                                                                                          list[str]]:
     """Inputs (files, folders, glob patterns) -> (sources, failures, skipped).
 
@@ -117,6 +117,9 @@ def find_sources(inputs: Iterable[str | Path], exclude: Path | None = None) -> t
                 sources.append(Source(root_path, DICOM, dicom))
 
     for item in inputs:
+        if isinstance(item, Source):  # already found (the predict flow hands chunks of sources around)
+            sources.append(item)
+            continue
         path = Path(item)
         if path.is_dir():
             add_folder(path)
