@@ -294,9 +294,10 @@ def test_folder_mixing_formats_and_globs(tmp_path, pp, win, tiny_checkpoint):
     np.save(data / "stack.npy", display_volume(n=2))
     (data / "README.txt").write_text("notes")
     (data / ".DS_Store").write_text("")
+    (data / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")  # a disc's index: skipped, not a failed series
 
     result = predict_scans([data], tmp_path / "out", tiny_checkpoint, pp, win, progress=False)
-    assert not result["failed"] and result["skipped"] == [str(data / "README.txt")]
+    assert not result["failed"] and result["skipped"] == [str(data / "DICOMDIR"), str(data / "README.txt")]
     names = {r["scan"]: r for r in result["scans"]}
     assert set(names) == {"ct_series", "scan", "scan_2", "slice", "stack"}
     assert {r["format"] for r in result["scans"]} == {"dicom", "nifti", "image", "npy"}
@@ -309,7 +310,7 @@ def test_folder_mixing_formats_and_globs(tmp_path, pp, win, tiny_checkpoint):
     scans = pd.read_csv(tmp_path / "out" / PREDICT_REPORT_SCANS)
     assert len(scans) == 5 and set(scans["status"]) == {"ok"}
     report = json.loads((tmp_path / "out" / PREDICT_REPORT_JSON).read_text())
-    assert report["summary"] == {"inputs": 5, "ok": 5, "failed": 0, "skipped": 1}
+    assert report["summary"] == {"inputs": 5, "ok": 5, "failed": 0, "skipped": 2}
     assert report["severity"]["thresholds_percent"] == [5, 25, 50, 75]
 
     # a glob pattern (as a shell that did not expand it passes it) finds the same NIfTI files

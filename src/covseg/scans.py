@@ -109,7 +109,9 @@ def find_sources(inputs: Iterable[str | Path | Source], exclude: Path | None = N
                 if name.startswith("."):
                     continue
                 path = root_path / name
-                if is_dicom(path):
+                if name.upper() == "DICOMDIR":  # a DICOM disc's index, no image: not a scan
+                    skipped.append(str(path))
+                elif is_dicom(path):
                     dicom.append(path)
                 else:
                     add_file(path, named=False)
