@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,9 @@ import pandas as pd
 
 import covseg  # noqa: F401  (first: it turns telemetry off before Prefect reads its settings)
 
-# isort: split
+# time for a local (ephemeral) server's first start on a small machine (as flows.pipeline)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
