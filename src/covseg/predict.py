@@ -249,7 +249,7 @@ def write_report(out: Path, scan_rows: list[dict], slices: list[dict], failed: l
     return write_json(report, out / PREDICT_REPORT_JSON)
 
 
-def predict_scans(inputs: list[str | Path], out: str | Path, model, pp: Predict, win: Window,
+def predict_scans(inputs: list[str | Path | Source], out: str | Path, model, pp: Predict, win: Window,
                   progress: bool = True) -> dict:
     """Predict every scan in `inputs` (files, folders, glob patterns, or `Source`s) with `model` (a checkpoint path, an
     MLflow model URI, or a loaded torch module); write label maps, overlays and the report under `out`.
