@@ -123,6 +123,23 @@ def cmd_exp_run(args, params: Params) -> None:
     run_set(params, args.set, args.name, args.queue)
 
 
+def cmd_predict(args, params: Params) -> None:
+    from covseg.names import CHAMPION
+    from covseg.predict import predict_scans
+
+    model = args.model or f"models:/{params.registry.model_name}@{CHAMPION}"
+    result = predict_scans(args.inputs, args.out, model, params.predict, params.window, progress=not args.quiet)
+    ok = [r for r in result["scans"] if r["status"] == "ok"]
+    for row in ok:
+        grade = "-" if row["severity_grade"] is None else row["severity_grade"]
+        print(f"{row['scan']}: {row['slices']} slice(s), involvement "
+              + ("-" if row["involvement_percent"] is None else f"{row['involvement_percent']:.1f} %")
+              + f", severity grade {grade} -> {args.out}/{row['labels']}")
+    print(f"{len(ok)} scan(s) predicted with {model}; report: {result['report']}")
+    if result["failed"]:
+        raise CovsegError(f"{len(result['failed'])} input(s) failed (listed above and in {result['report']})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covseg", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=PATHS.params, help=f"params file (default: {PATHS.params})")
@@ -186,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, help="the version to consider (default: the newest)")
     p.add_argument("--force", action="store_true", help="with --version: make it champion by hand (roll back)")
     p.add_argument("--output", help="write the decision as JSON here")
+
+    p = sub.add_parser("predict", help="segment your own scans (NIfTI, DICOM, PNG/JPG, .npy): labels, overlays, report")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders (searched recursively) or glob patterns")
+    p.add_argument("--out", required=True, help="folder for the label maps, overlays and report")
+    p.add_argument("--model", help=f"{model_help} (default: models:/<registry.model_name>@champion)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -62,3 +62,10 @@ ENV_REAL_DATA = "COVSEG_REAL_DATA"          # tests: a Kaggle-layout folder of r
 ENV_DVC_ROOT, ENV_DVC_EXP_NAME = "DVC_ROOT", "DVC_EXP_NAME"  # set by DVC for the stages it runs
 ENV_ALLOW_PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"  # tests: "false", MLflow refuses to unpickle
 ENV_CUDA_DEVICES = "CUDA_VISIBLE_DEVICES"  # a GPU worker's pinning (infra/start-gpu-worker.sh)
+
+# `covseg predict`: files it writes under --out (labels are `<scan name>` + LABELS_SUFFIX + the format's suffix).
+PREDICT_REPORT_SLICES, PREDICT_REPORT_SCANS, PREDICT_REPORT_JSON = (
+    "report_slices.csv", "report_scans.csv", "report.json")
+PREDICT_OVERLAYS = "overlays"           # overlays/<scan name>/<scan name>_slice<k>.png
+PREDICT_INDEX = "predict_index.json"    # output name -> the input it belongs to (never given to another)
+LABELS_SUFFIX = "_labels"

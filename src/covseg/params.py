@@ -19,6 +19,12 @@ from covseg.errors import ParamsError
 from covseg.names import HEADLINE_METRICS, NUM_CLASSES, PATHS
 
 
+def check_device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+    return value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
@@ -99,9 +105,7 @@ class Train(Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
-            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
-        return value
+        return check_device(value)
 
 
 class Evaluate(Section):
@@ -137,6 +141,43 @@ class Registry(Section):
     min_score: float = Field(ge=0, le=1)
 
 
+Percent = Annotated[float, Field(gt=0, le=100)]
+
+
+class Predict(Section):
+    batch_size: int = Field(ge=1)
+    device: str
+    threads: int = Field(ge=0)            # 0: torch's default (one per physical core)
+    png_hu_min: float                     # the HU window a PNG / JPG slice was exported with:
+    png_hu_max: float                     # grey 0 -> png_hu_min, 255 -> png_hu_max
+    colour_tolerance: float = Field(ge=0)  # mean |R-G|, |G-B| (grey levels) above which an image is colour
+    min_hu_range: float = Field(ge=0)     # max - min HU of a scan must reach this (0..1 or 0..255 data fails)
+    air_hu_max: float                     # the darkest voxel must be air-like (below this) in a CT
+    dicom_tolerance_mm: float = Field(gt=0)  # DICOM slice positions / spacings that agree within this
+    overlays: int = Field(ge=0)           # overlay PNGs per scan: the slices with most findings
+    severity_thresholds: list[Percent] = Field(min_length=1)
+    chunk_size: int = Field(ge=1)         # scans per task of the predict flow (flows/predict.py)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device(value)
+
+    @field_validator("png_hu_max")
+    @classmethod
+    def _png_window(cls, value: float, info: ValidationInfo) -> float:
+        if "png_hu_min" in info.data and value <= info.data["png_hu_min"]:
+            raise ValueError(f"must be greater than predict.png_hu_min ({info.data['png_hu_min']})")
+        return value
+
+    @field_validator("severity_thresholds")
+    @classmethod
+    def _increasing(cls, value: list[float]) -> list[float]:
+        if any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError("must be strictly increasing percentages in (0, 100]")
+        return value
+
+
 class Params(Section):
     seed: int = Field(ge=0)
     synth: Synth
@@ -148,6 +189,7 @@ class Params(Section):
     validate_: Validate = Field(alias="validate")  # `validate` is a BaseModel method
     tracking: Tracking
     registry: Registry
+    predict: Predict
     sets: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")], dict[str, Any]] = {}
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False, populate_by_name=True)

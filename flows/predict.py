@@ -1,0 +1,140 @@
+"""Prefect flow `predict`: `covseg predict` over many scans, split into chunks that run as tasks.
+
+    python -m flows.predict INPUT... --out DIR [--model SPEC] [--manifest FILE] [--chunk-size N]
+
+The scans (files, folders, glob patterns, and the paths listed in a manifest, one per line, relative to
+the manifest's folder) are found once, split into chunks of `predict.chunk_size` scans, and each chunk
+is one task that calls `covseg.predict.predict_scans` into `DIR/chunks/<k>/` (so parallel chunks never
+share an output name). One combined report then lands in DIR (report_scans.csv, report_slices.csv,
+report.json, label and overlay paths relative to DIR). The flow never re-implements `covseg predict`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+import covseg  # noqa: F401  (first: it turns telemetry off before Prefect reads its settings)
+
+# time for a local (ephemeral) server's first start on a small machine (as flows.pipeline)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from covseg.errors import CovsegError, DataError
+from covseg.names import CHAMPION, PATHS, PREDICT_REPORT_SLICES
+from covseg.params import load_params
+from covseg.predict import predict_scans, write_report
+from covseg.scans import Source, find_sources
+
+CHUNKS = "chunks"
+
+
+def read_manifest(path: str | Path) -> list[str]:
+    """Paths in a manifest, one per line ('#' comments and blank lines skipped), relative to its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: manifest file is missing")
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return [str(path.parent / line) for line in lines if line and not line.startswith("#")]
+
+
+def chunked(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _plain(source: Source) -> dict:
+    return {"path": str(source.path), "kind": source.kind, "files": [str(f) for f in source.files]}
+
+
+@task(cache_policy=NO_CACHE)
+def list_scans(inputs: list[str], out: str) -> dict:
+    """{"sources": [{"path", "kind", "files"}], "failed": [...], "skipped": [...]}: the scans of `inputs`."""
+    sources, failed, skipped = find_sources(inputs, exclude=Path(out))
+    return {"sources": [_plain(s) for s in sources], "failed": failed, "skipped": skipped}
+
+
+@task(cache_policy=NO_CACHE)
+def predict_chunk(sources: list[dict], out: str, model: str, params_path: str) -> dict:
+    """`covseg predict` on one chunk of scans, into `out` (the chunk's own folder)."""
+    params = load_params(params_path)
+    found = [Source(Path(s["path"]), s["kind"], [Path(f) for f in s["files"]]) for s in sources]
+    result = predict_scans(found, out, model, params.predict, params.window, progress=False)
+    return {"out": out, "report": str(result["report"]), "ok": sum(r["status"] == "ok" for r in result["scans"]),
+            "failed": len(result["failed"])}
+
+
+@task(cache_policy=NO_CACHE)
+def combine_reports(out: str, chunks: list[dict], found: dict, model: str, params_path: str) -> dict:
+    """One report in `out` from the chunks' reports; label and overlay paths become relative to `out`."""
+    params = load_params(params_path)
+    out_dir = Path(out)
+    scans = [{"scan": "", "input": f["input"], "format": "", "status": "failed", "error": f["error"]}
+             for f in found["failed"]]
+    failed, slices = list(found["failed"]), []
+    for chunk in chunks:
+        folder = Path(chunk["out"])
+        prefix = folder.relative_to(out_dir)
+        report = json.loads(Path(chunk["report"]).read_text())
+        for row in report["scans"]:
+            if row["status"] == "ok":
+                row["labels"] = str(prefix / row["labels"])
+                row["overlays"] = [str(prefix / p) for p in row["overlays"]]
+                row["scan"] = f"{prefix.name}/{row['scan']}"
+            scans.append(row)
+        failed += report["failed"]
+        table = pd.read_csv(folder / PREDICT_REPORT_SLICES)  # blanks (no lung) read as NaN, written blank
+        table["scan"] = f"{prefix.name}/" + table["scan"].astype(str)
+        slices += table.to_dict("records")
+    path = write_report(out_dir, scans, slices, failed, found["skipped"], params.predict, params.window,
+                        {"model": model, "chunks": [c["out"] for c in chunks]})
+    return {"report": str(path), "scans": len(scans), "ok": sum(r["status"] == "ok" for r in scans),
+            "failed": len(failed)}
+
+
+@flow(name="predict", log_prints=True)
+def predict(inputs: list[str], out: str, model: str | None = None, manifest: str | None = None,
+            chunk_size: int | None = None, params_path: str = PATHS.params) -> dict:
+    """Predict many scans in chunks (tasks run side by side); one combined report in `out`."""
+    params = load_params(params_path)  # checked before anything runs
+    size = chunk_size or params.predict.chunk_size
+    if size < 1:
+        raise CovsegError(f"chunk_size = {size} is not allowed: must be at least 1")
+    model = model or f"models:/{params.registry.model_name}@{CHAMPION}"
+    inputs = list(inputs) + (read_manifest(manifest) if manifest else [])
+    found = list_scans(inputs, out)
+    if not found["sources"] and not found["failed"]:
+        raise CovsegError(f"no scans found in {', '.join(inputs) or '(no inputs)'}")
+    parts = chunked(found["sources"], size)
+    futures = [predict_chunk.submit(part, str(Path(out) / CHUNKS / f"{k:04d}"), model, params_path)
+               for k, part in enumerate(parts)]
+    chunks = [f.result() for f in futures]
+    result = combine_reports(out, chunks, found, model, params_path)
+    logger = get_run_logger()
+    for failure in found["failed"]:
+        logger.warning(failure["error"])
+    print(f"{result['ok']} of {result['scans']} scans predicted in {len(parts)} chunk(s); report: {result['report']}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="*", metavar="INPUT")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--manifest", help="a text file of scan paths, one per line")
+    parser.add_argument("--chunk-size", type=int)
+    parser.add_argument("--params", default=PATHS.params)
+    args = parser.parse_args(argv)
+    result = predict(args.inputs, args.out, args.model, args.manifest, args.chunk_size, args.params)
+    print(json.dumps(result, indent=1))
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
