@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
               data=PATHS.processed, out=PATHS.submission)
     p.add_argument("--model", default=PATHS.model, help=model_help)
 
-    p = stage("promote", "registry: challenger vs champion on the validation data, by a metric gate", cmd_promote,
-              data=PATHS.processed)
+    p = stage("promote", "registry: challenger vs champion on the validation slices neither trained on, "
+              "by a metric gate", cmd_promote, data=PATHS.processed)
     p.add_argument("--version", type=int, help="the version to consider (default: the newest)")
     p.add_argument("--force", action="store_true", help="with --version: make it champion by hand (roll back)")
     p.add_argument("--allow-data-change", action="store_true",
