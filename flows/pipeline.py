@@ -143,11 +143,11 @@ def run_pipeline(work: Path, overrides: dict, name: str, uri: str) -> dict:
 
 
 @task
-def promotion_gate(work: Path, version: int, uri: str) -> dict:
+def promotion_gate(work: Path, version: int, uri: str, allow_data_change: bool = False) -> dict:
     """`covseg promote --version N` against the champion, on this copy's validation data."""
     decision = work / ".promotion.json"
-    shell.run(["covseg", "promote", "--version", str(int(version)), "--output", str(decision)], work,
-              {ENV_TRACKING_URI: uri})
+    shell.run(["covseg", "promote", "--version", str(int(version)), "--output", str(decision),
+               *(["--allow-data-change"] if allow_data_change else [])], work, {ENV_TRACKING_URI: uri})
     return json.loads(decision.read_text())
 
 
@@ -184,9 +184,11 @@ def launch(deployment: str, parameters: dict) -> str:
 
 @flow(name="train", log_prints=True)
 def train(overrides: dict | None = None, repo: str | None = None, promote: bool = True,
-          only_if_data_changed: bool = False, params_set: str | None = None) -> dict:
+          only_if_data_changed: bool = False, params_set: str | None = None,
+          allow_data_change: bool = False) -> dict:
     """One training run of the DVC pipeline with `overrides` (e.g. {"train.epochs": 3}) on top of the
-    named `params_set` (e.g. "gpu"), if any."""
+    named `params_set` (e.g. "gpu"), if any; with `allow_data_change` the gate may compare it with a
+    champion trained on another data version."""
     t0 = time.time()
     repo_path = resolve_repo(repo)
     overrides, params = checked_overrides(repo_path, overrides, params_set)
@@ -200,7 +202,7 @@ def train(overrides: dict | None = None, repo: str | None = None, promote: bool 
         result = run_pipeline(work, overrides, name, uri)
         t_end = result.pop("pipeline_end")
         if promote:
-            result["promotion"] = promotion_gate(work, result["model_version"], uri)
+            result["promotion"] = promotion_gate(work, result["model_version"], uri, allow_data_change)
         push_results(work, name)
     result.update(experiment=name, overrides=overrides,
                   overhead_before_pipeline_s=result.pop("pipeline_start") - t0,

@@ -9,6 +9,8 @@ from covseg.errors import ParamsError
 from covseg.names import ENV_REPO
 from flows import pipeline
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module", autouse=True)
 def harness(tmp_path_factory):
@@ -40,7 +42,9 @@ def fake_pipeline(monkeypatch, tmp_path):
     monkeypatch.setattr(pipeline, "pull_data", lambda work: calls.append(("pull",)) or "md5-data")
     monkeypatch.setattr(pipeline, "run_pipeline", run_pipeline)
     monkeypatch.setattr(pipeline, "promotion_gate",
-                        lambda work, version, uri: calls.append(("promote", version)) or {"reason": "promoted: test"})
+                        lambda work, version, uri, allow_data_change=False:
+                        calls.append(("promote", version) + (("allow_data_change",) if allow_data_change else ()))
+                        or {"reason": "promoted: test"})
     monkeypatch.setattr(pipeline, "push_results", lambda work, name: calls.append(("push", name)))
     monkeypatch.setattr(pipeline, "champion_data_version", lambda uri, name: "md5-data")
     return calls
@@ -93,6 +97,18 @@ def test_nightly_skips_when_the_champion_has_this_data(fake_pipeline):
     result = pipeline.train(only_if_data_changed=True)
     assert result == {"skipped": True, "data_version": "md5-data"}
     assert "dvc exp run" not in [c[0] for c in fake_pipeline]
+
+
+def test_nightly_retrains_on_new_data_and_lets_the_gate_compare_across_data_versions(fake_pipeline, monkeypatch):
+    import yaml
+
+    monkeypatch.setattr(pipeline, "champion_data_version", lambda uri, name: "md5-older")
+    nightly = next(d for d in yaml.safe_load((ROOT / "infra/prefect.yaml").read_text())["deployments"]
+                   if d["name"] == "nightly")
+    pipeline.train(**nightly["parameters"])
+    assert ("promote", 7, "allow_data_change") in fake_pipeline
+    pipeline.train()
+    assert fake_pipeline[-2] == ("promote", 7), "other runs: the gate refuses a data change"
 
 
 def test_cross_validate_runs_every_fold_and_summarises(fake_pipeline):

@@ -1,6 +1,9 @@
 """MLflow: runs tracked from the DVC stages, versions registered, promotion by the metric gate."""
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -110,3 +113,29 @@ def test_server_tracking_registry_and_promotion(new_project, sh, mlflow_server):
     metrics = json.loads((project / "reports/metrics.json").read_text())
     assert metrics["model_version"] == 3 and len(metrics["mlflow_run_id"]) == 32
 
+
+    # two promotions at once against the server: champion v1 (untrained); v2 (30 epochs) and v4 (3 epochs)
+    # both beat it. Compare-and-set: the second to finish is compared with the first one's result.
+    sh("dvc exp run -S train.lr=0.01 -S train.epochs=3", project)
+    assert registry.aliases("covseg-unet")["champion"] == 1
+    procs = {v: subprocess.Popen(["covseg", "promote", "--version", str(v), "--output", f"race{v}.json"],
+                                 cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+             for v in (2, 4)}
+    outs = {v: p.communicate(timeout=600)[0] for v, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), outs
+    d = {v: json.loads((project / f"race{v}.json").read_text()) for v in (2, 4)}
+    final = registry.aliases("covseg-unet")["champion"]
+    other = 6 - final
+    assert final in (2, 4) and d[final]["promoted"] and d[final]["champion_after"] == final, d
+    if d[other]["promoted"]:  # it won first, then lost the champion to `final`, which was compared with it
+        assert d[other]["champion_before"] == 1 and d[final]["champion_before"] == other
+        assert d[final]["champion_score"] == pytest.approx(d[other]["challenger_score"])
+    else:  # not promoted: over the champion that stands, or over v1 before `final` replaced it
+        assert d[other]["champion_after"] == d[other]["champion_before"]
+        assert d[other]["champion_after"] == final or d[final]["champion_before"] == d[other]["champion_after"] == 1
+    assert d[other]["challenger_score"] < d[final]["challenger_score"] + d[final]["margin"], d
+    assert d[2]["eval_slice_ids"] == d[4]["eval_slice_ids"]  # the same unseen slices
+    assert "promotion_lock" not in client.get_registered_model("covseg-unet").tags
+    print(f"race: v2 {d[2]['challenger_score']:.4f} (rounds {d[2]['rounds']}), "
+          f"v4 {d[4]['challenger_score']:.4f} (rounds {d[4]['rounds']}); champion v{final}")

@@ -1,5 +1,6 @@
 """Each stage as a library function on tiny data, in process: what it writes and returns, what it tracks."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,7 @@ from covseg.validation import ContractError
 def pipeline(tmp_path, tiny_raw, tiny_params, mlflow_store, monkeypatch):
     """The five stages, in order, in a project folder of their own; returns the folder and results."""
     monkeypatch.chdir(tmp_path)
+    (tmp_path / PATHS.dvc_file).write_text("outs:\n- md5: 0123abcd.dir\n  path: data/raw\n")  # the data version
     p = tiny_params
     results = {
         "validate": validate.run(tiny_raw, PATHS.validation, p.validate_),
@@ -64,6 +66,12 @@ def test_run_is_tracked_and_registered(pipeline, mlflow_store):
         r["evaluate"]["kaggle_f1"], abs=1e-6)
     _, ckpt = load_checkpoint(root / PATHS.model)
     assert ckpt["mlflow_run_id"] == run.info.run_id
+    # provenance: what the version was trained on
+    train_ids = json.loads((root / PATHS.processed / "split.json").read_text())["train_slice_ids"]
+    assert version.tags["data_version"] == "0123abcd.dir"
+    assert version.tags["train_slice_ids"] == ",".join(map(str, sorted(train_ids)))
+    assert version.tags["train_slices_count"] == str(len(train_ids)) and len(version.tags["train_slices_sha256"]) == 64
+    assert registry.provenance("covseg-unet", 1).train_slice_ids == set(train_ids)
 
 
 def test_failed_contract_writes_the_report_and_nothing_else(tmp_path, tiny_arrays, tiny_params):
@@ -93,20 +101,31 @@ def test_cli_runs_the_same_stage_functions(tmp_path, tiny_raw, tiny_params, monk
 
 @pytest.fixture
 def three_versions(pipeline, mlflow_store):
-    """Versions 1..3 of covseg-unet (the same weights; the gate is fed fake scores)."""
+    """Versions 1..3 of covseg-unet (the same weights and provenance; the gate is fed fake scores)."""
     import mlflow
 
     root, r = pipeline
-    uri = f"runs:/{r['train']['mlflow_run_id']}/model"
+    run_id = r["train"]["mlflow_run_id"]
+    uri = f"runs:/{run_id}/model"
     mlflow.set_tracking_uri(mlflow_store)
+    train_ids = r["preprocess"]["split"]["train_slice_ids"]
     for _ in range(2):
-        mlflow.register_model(uri, "covseg-unet")
+        version = int(mlflow.register_model(uri, "covseg-unet").version)
+        registry.record_provenance("covseg-unet", version, run_id, "0123abcd.dir", train_ids)
     return root
 
 
+def _reg(min_score=0.1):
+    from covseg.params import load_params
+
+    params = load_params(Path(__file__).resolve().parents[1] / PATHS.params)
+    return params.override({"registry.min_score": min_score, "registry.min_eval_slices": 1,
+                            "registry.lock_settle_s": 0.1}).registry
+
+
 def _gate(version, scores, min_score=0.1, floor=0.05):
-    return registry.promote("covseg-unet", lambda uri: scores[int(uri.rsplit("/", 1)[1])], 0.005, "kaggle_f1",
-                            version, min_score=min_score, floor=floor)
+    scorer = registry.Scorer([10_000], lambda uri, ids: scores[int(uri.rsplit("/", 1)[1])], lambda ids: floor)
+    return registry.promote(_reg(min_score), scorer, version)
 
 
 def test_a_first_champion_must_pass_min_score_and_the_constant_predictor(three_versions):
@@ -122,11 +141,11 @@ def test_a_first_champion_must_pass_min_score_and_the_constant_predictor(three_v
 def test_challenger_alias_moves_only_once_the_version_is_scored(three_versions):
     _gate(1, {1: 0.4})
 
-    def broken(uri):
+    def broken(uri, ids):
         raise RuntimeError("scoring failed")
 
     with pytest.raises(RuntimeError):
-        registry.promote("covseg-unet", broken, 0.005, "kaggle_f1", 2)
+        registry.promote(_reg(), registry.Scorer([10_000], broken), 2)
     assert registry.aliases("covseg-unet") == {CHALLENGER: 1, CHAMPION: 1}
 
 
@@ -149,7 +168,7 @@ def test_gate_promotes_only_past_the_margin(three_versions):
 
 def test_roll_back_by_hand_and_force_needs_a_version(three_versions, tiny_params):
     _gate(3, {3: 0.5})
-    decision = registry.set_champion("covseg-unet", 1)
+    decision = registry.set_champion(_reg(), 1)
     assert decision["champion_before"] == 3 and registry.aliases("covseg-unet")[CHAMPION] == 1
     with pytest.raises(CovsegError, match="--force needs --version"):
         registry.run_promotion(PATHS.processed, tiny_params.registry, tiny_params.evaluate, tiny_params.tracking,
@@ -157,13 +176,35 @@ def test_roll_back_by_hand_and_force_needs_a_version(three_versions, tiny_params
 
 
 def test_gate_scores_registered_models_on_the_validation_data(three_versions, tiny_params):
-    decision = registry.run_promotion(PATHS.processed, tiny_params.registry, tiny_params.evaluate,
-                                      tiny_params.tracking, "cpu", version=2)
+    reg = tiny_params.registry.model_copy(update={"min_eval_slices": 1, "lock_settle_s": 0.1})
+    decision = registry.run_promotion(PATHS.processed, reg, tiny_params.evaluate, tiny_params.tracking, "cpu",
+                                      version=2)
     metrics = json.loads((three_versions / PATHS.metrics).read_text())
     assert decision["challenger_score"] == pytest.approx(metrics["kaggle_f1"])
     floor = max(tiny_params.registry.min_score, metrics["trivial_kaggle_f1"])
     assert decision["promoted"] is (metrics["kaggle_f1"] > floor)
     assert registry.aliases("covseg-unet").get(CHAMPION) == (2 if decision["promoted"] else None)
+    assert decision["eval_slice_ids"] == r_val_ids(three_versions)
+
+
+def r_val_ids(root):
+    return json.loads((root / PATHS.processed / "split.json").read_text())["val_slice_ids"]
+
+
+def test_gate_never_scores_a_model_on_slices_it_was_trained_on(three_versions, tiny_params):
+    """A model trained on fold 0's split, gated on fold 1's validation slices (a sweep or a cross-
+    validation fold): they were all in its training set, so there is nothing fair to score it on."""
+    from covseg.data import load_raw
+    from covseg.preprocessing import preprocess as write_processed
+
+    p = tiny_params
+    other = three_versions / "processed-fold1"
+    write_processed(load_raw(three_versions / "raw"), other, p.window, p.split.model_copy(update={"fold": 1}), p.seed)
+    reg = p.registry.model_copy(update={"min_eval_slices": 1, "lock_settle_s": 0.1})
+    with pytest.raises(CovsegError, match=r"only 0 of the \d+ validation slices were seen by neither version "
+                                          r"\(trained: v2 on \d+ slices\)"):
+        registry.run_promotion(other, reg, p.evaluate, p.tracking, "cpu", version=2)
+    assert registry.aliases("covseg-unet") == {}, "not scored, nothing moved"
 
 
 # ----------------------------------------------------------------------------- stages refuse unchecked data

@@ -95,8 +95,10 @@ def cmd_promote(args, params: Params) -> None:
     from covseg.registry import run_promotion
 
     decision = run_promotion(args.data, params.registry, params.evaluate, params.tracking, params.train.device,
-                             args.version, args.force)
-    print(f"{params.registry.model_name}: {decision['reason']} (champion: v{decision['champion_after']})")
+                             args.version, args.force, args.allow_data_change)
+    scored = (f"; scored on {len(decision['eval_slice_ids'])} unseen validation slices"
+              if "eval_slice_ids" in decision else "")
+    print(f"{params.registry.model_name}: {decision['reason']} (champion: v{decision['champion_after']}){scored}")
     if args.output:
         write_json(decision, args.output)
 
@@ -198,10 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", action="store_true", help="queue it (dvc queue start runs it)")
     p.set_defaults(func=cmd_exp_run)
 
-    p = stage("promote", "registry: challenger vs champion on the validation data, by a metric gate", cmd_promote,
-              data=PATHS.processed)
+    p = stage("promote", "registry: challenger vs champion on the validation slices neither trained on, "
+              "by a metric gate", cmd_promote, data=PATHS.processed)
     p.add_argument("--version", type=int, help="the version to consider (default: the newest)")
     p.add_argument("--force", action="store_true", help="with --version: make it champion by hand (roll back)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="compare versions trained on other data versions, or without recorded provenance")
     p.add_argument("--output", help="write the decision as JSON here")
 
     p = sub.add_parser("predict", help="segment your own scans (NIfTI, DICOM, PNG/JPG, .npy): labels, overlays, report")

@@ -48,6 +48,12 @@ TAG_GIT_COMMIT, TAG_DATA_VERSION, TAG_DVC_EXP, TAG_DVC_ROOT = "git_commit", "dat
 TAG_FLOW_RUN, TAG_BEST_EPOCH, TAG_PROMOTION = "prefect_flow_run_id", "best_epoch", "promotion"
 TAG_CUDA_DEVICES = "cuda_visible_devices"  # the GPUs the run was pinned to ("(unset)": all it could see)
 CHALLENGER, CHAMPION = "challenger", "champion"
+# What a registered version was trained on (its provenance; the gate scores only slices it never saw):
+# the ids themselves when short, else the run artifact TRAINING_SLICES_FILE; their sha256 and count always.
+TAG_TRAIN_SLICES, TAG_TRAIN_SLICES_SHA256, TAG_TRAIN_SLICES_COUNT = (
+    "train_slice_ids", "train_slices_sha256", "train_slices_count")
+TRAINING_SLICES_FILE = "training_slices.json"
+TAG_PROMOTION_LOCK = "promotion_lock"  # a registered-model tag: the lease of the promotion in progress
 
 # The registry model (an MLflow pyfunc logged as code): the code file MLflow runs to load it, the name and
 # file of its one artifact, a weights-only checkpoint (covseg.model.save_checkpoint).

@@ -139,6 +139,10 @@ class Registry(Section):
     promotion_metric: Literal[HEADLINE_METRICS]  # type: ignore[valid-type]
     promotion_margin: float = Field(ge=0, le=1)
     min_score: float = Field(ge=0, le=1)
+    min_eval_slices: int = Field(ge=1)
+    lock_lease_s: float = Field(gt=0)
+    lock_wait_s: float = Field(ge=0)
+    lock_settle_s: float = Field(gt=0)
 
 
 Percent = Annotated[float, Field(gt=0, le=100)]

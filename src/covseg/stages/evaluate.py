@@ -12,7 +12,7 @@ from covseg.atomic import atomic_output, write_json
 from covseg.data import data_version
 from covseg.evaluation import dice_metrics, per_slice_table, score_model, summary_metrics, trivial_kaggle_f1
 from covseg.model import load_model, pick_device
-from covseg.names import HEADLINE_METRICS, KAGGLE_F1, PATHS, SHORT, TAG_DATA_VERSION
+from covseg.names import HEADLINE_METRICS, KAGGLE_F1, PATHS, SHORT
 from covseg.params import Evaluate, Registry, Tracking
 from covseg.preprocessing import load_processed, load_split
 
@@ -23,7 +23,8 @@ def run(data: str | Path, model: str | Path, history: str | Path, validation: st
     """Score `model` on the validation fold of `data`; write `metrics_path` and the folder `out`.
 
     When the checkpoint came from a tracked training run, its MLflow run gets the metrics, `out` and
-    the `validation` report, and the model is registered as a version of `reg.model_name`.
+    the `validation` report, and the model is registered as a version of `reg.model_name`, tagged with
+    its provenance (data version, training slice ids of `data`'s split.json).
     Returns the metrics (with mlflow_run_id and model_version when registered).
     """
     dev = pick_device(device)
@@ -54,8 +55,10 @@ def run(data: str | Path, model: str | Path, history: str | Path, validation: st
             if Path(validation).is_file():
                 mlflow.log_artifact(str(validation))
             tags = {k: round(metrics[k], 6) for k in HEADLINE_METRICS}
-            version = registry.register(ckpt["mlflow_model_uri"], run_id, reg.model_name,
-                                        {**tags, TAG_DATA_VERSION: data_version(Path(PATHS.dvc_file))})
+            version = registry.register(ckpt["mlflow_model_uri"], run_id, reg.model_name, tags)
+            # what it was trained on: the gate scores it only on slices it never saw
+            registry.record_provenance(reg.model_name, version, run_id, data_version(Path(PATHS.dvc_file)),
+                                       split["train_slice_ids"])
         metrics.update(mlflow_run_id=run_id, model_version=version)
     write_json(metrics, metrics_path)
     return metrics
