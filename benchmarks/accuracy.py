@@ -38,8 +38,16 @@ def cv_command(data: str, name: str, folds: list[int]) -> list[str]:
             "--out", str(RESULTS / "cv" / f"{name}.json"), *([] if name == "default" else ["--set", name])]
 
 
-def run_set(data: str, name: str, folds: int, jobs: int) -> dict:
-    """All folds of one set, in `jobs` processes, then one pass that only summarises."""
+def finished_folds(name: str, folds: int) -> list[int]:
+    return [k for k in range(folds) if (RESULTS / "cv" / f"{name}.fold{k}.json").is_file()]
+
+
+def run_set(data: str, name: str, folds: int, jobs: int, run: bool = True) -> dict:
+    """All folds of one set, in `jobs` processes, then one pass that only summarises (with `run`
+    False: only the folds already there, whose params and data must still match, else they are run)."""
+    if not run:
+        subprocess.run(cv_command(data, name, finished_folds(name, folds)), check=True)
+        return json.loads((RESULTS / "cv" / f"{name}.json").read_text())
     groups = [list(range(folds))[i::jobs] for i in range(jobs)]
     env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if jobs > 1 else {})}
     procs = [subprocess.Popen(cv_command(data, name, g), env=env) for g in groups if g]
@@ -55,9 +63,11 @@ def table(results: dict[str, dict]) -> str:
         cells = [f"{s[f'{prefix}{m}_mean']:.3f} ± {s[f'{prefix}{m}_std']:.3f}" for m in CV_METRICS]
         return f"| {label} | " + " | ".join(cells) + f" | {seconds} |"
 
-    lines = ["| set | " + " | ".join(CV_METRICS) + " | training s / fold |", "|" + "---|" * (len(CV_METRICS) + 2)]
+    lines = ["| set (folds) | " + " | ".join(CV_METRICS) + " | training s / fold |",
+             "|" + "---|" * (len(CV_METRICS) + 2)]
     for name, s in results.items():
-        lines.append(row(name, s, seconds=f"{s['train_seconds_mean']:.0f}"))
+        lines.append(row(f"{name} ({', '.join(map(str, s['folds_run']))})", s,
+                         seconds=f"{s['train_seconds_mean']:.0f}"))
         levers = sorted({k.split(".")[0] for k in s if k.startswith("without_")})
         lines += [row(f"{name}, {lever.replace('_', ' ')}", s, f"{lever}.", "same models") for lever in levers]
     return "\n".join(lines) + "\n"
@@ -69,9 +79,11 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["default", "old_default"],
                         help="'default' (params.yaml) and names under params.yaml:sets")
     parser.add_argument("--jobs", type=int, default=1, help="processes per set (one thread each when > 1)")
+    parser.add_argument("--partial", nargs="*", default=[], metavar="SET",
+                        help="sets summarised over the folds already in benchmarks/results/cv (not run)")
     args = parser.parse_args()
     folds = load_params(ROOT / "params.yaml").split.folds
-    results = {name: run_set(args.data, name, folds, args.jobs) for name in args.sets}
+    results = {name: run_set(args.data, name, folds, args.jobs, name not in args.partial) for name in args.sets}
     summary = {"machine": machine(), "data": args.data, "folds": folds,
                "results": {n: {k: v for k, v in s.items() if k not in ("per_fold", "params")} | {
                    "per_fold": [{k: f[k] for k in (*CV_METRICS, "fold", "seconds")} for f in s["per_fold"]]}
