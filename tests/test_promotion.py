@@ -28,7 +28,7 @@ VAL = list(range(100, 110))  # the validation slice ids on offer
 @pytest.fixture
 def reg(params):
     return params.override({"registry.min_eval_slices": 3, "registry.min_score": 0.1,
-                            "registry.lock_settle_s": 0.2, "registry.lock_wait_s": 30.0}).registry
+                            "registry.lock_settle_s": 1.0, "registry.lock_wait_s": 120.0}).registry
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,7 @@ def _reg(min_score=0.1):
 
     params = load_params(Path(__file__).resolve().parents[1] / PATHS.params)
     return params.override({"registry.min_score": min_score, "registry.min_eval_slices": 1,
-                            "registry.lock_settle_s": 0.1}).registry
+                            "registry.lock_settle_s": 1.0}).registry
 
 
 def _gate(version, scores, min_score=0.1, floor=0.05):
@@ -176,7 +176,7 @@ def test_roll_back_by_hand_and_force_needs_a_version(three_versions, tiny_params
 
 
 def test_gate_scores_registered_models_on_the_validation_data(three_versions, tiny_params):
-    reg = tiny_params.registry.model_copy(update={"min_eval_slices": 1, "lock_settle_s": 0.1})
+    reg = tiny_params.registry.model_copy(update={"min_eval_slices": 1, "lock_settle_s": 1.0})
     decision = registry.run_promotion(PATHS.processed, reg, tiny_params.evaluate, tiny_params.tracking, "cpu",
                                       version=2)
     metrics = json.loads((three_versions / PATHS.metrics).read_text())
@@ -200,7 +200,7 @@ def test_gate_never_scores_a_model_on_slices_it_was_trained_on(three_versions, t
     p = tiny_params
     other = three_versions / "processed-fold1"
     write_processed(load_raw(three_versions / "raw"), other, p.window, p.split.model_copy(update={"fold": 1}), p.seed)
-    reg = p.registry.model_copy(update={"min_eval_slices": 1, "lock_settle_s": 0.1})
+    reg = p.registry.model_copy(update={"min_eval_slices": 1, "lock_settle_s": 1.0})
     with pytest.raises(CovsegError, match=r"only 0 of the \d+ validation slices were seen by neither version "
                                           r"\(trained: v2 on \d+ slices\)"):
         registry.run_promotion(other, reg, p.evaluate, p.tracking, "cpu", version=2)
