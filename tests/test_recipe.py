@@ -37,7 +37,8 @@ def test_crops_are_the_crop_size_and_centred_on_every_class(params, slices):
 
 
 def test_warmup_then_cosine_schedule(params):
-    t = params.override({"train.epochs": 10, "train.warmup_epochs": 2, "train.lr": 1.0}).train
+    t = params.override({"train.epochs": 10, "train.warmup_epochs": 2, "train.lr": 1.0,
+                         "train.optimizer": "adamw"}).train
     optimizer, scheduler = make_optimizer(t, torch.nn.Linear(1, 1))
     lrs = []
     for _ in range(10):

@@ -67,9 +67,7 @@ def no_unpickling(monkeypatch):
 
 def test_logged_model_is_weights_and_code_and_loads_by_version_and_alias(mlflow_store, tmp_path, no_unpickling):
     net = tiny_model()
-    t = time.perf_counter()
     model_uri, version, run_id = log_and_register(net)
-    assert time.perf_counter() - t < 20  # no requirement inference
     MlflowClient().set_registered_model_alias(NAME, CHAMPION, version)
     x = np.random.default_rng(0).random((3, 1, 64, 48), dtype=np.float32)  # any N, H, W
     expected = logits(net, x)
