@@ -92,8 +92,9 @@ def main() -> None:
     with atomic_output(RESULTS / "accuracy.md") as tmp:
         tmp.write_text(f"# Cross-validated accuracy ({folds} folds, labelled slices of {args.data})\n\n"
                        f"Machine: {summary['machine']}. Mean ± standard deviation over folds; per-slice Dice "
-                       "over the slices that have the class. 'training s / fold' is wall time as run (with --jobs, folds "
-                       "side by side on one thread each, with other work on the machine): not a speed figure.\n\n"
+                       "over the slices that have the class. 'training s / fold' is wall time as run (with "
+                       "--jobs, folds side by side on one thread each, other work beside them): not a speed "
+                       "figure.\n\n"
                        + table(results))
     print((RESULTS / "accuracy.md").read_text())
 
