@@ -96,8 +96,11 @@ def test_server_tracking_registry_and_promotion(new_project, sh, mlflow_server):
     trained = _runs(client)[1]
     assert trained.info.run_id == ckpt["mlflow_run_id"]
     assert trained.data.params["train.epochs"] == "30" and "validate.hu_min" in trained.data.params
-    for key in ("train_loss", "val_loss", "lr", "val_f1_ggo", "val_f1_consolidation"):
+    for key in ("train_loss", "lr"):
         assert len(client.get_metric_history(trained.info.run_id, key)) == 30
+    every = int(trained.data.params["train.val_every"])
+    for key in ("val_loss", "val_f1_ggo", "val_f1_consolidation", "val_dice_ggo"):  # every val_every epochs
+        assert len(client.get_metric_history(trained.info.run_id, key)) == 30 // every
     assert trained.data.metrics["kaggle_f1"] > 0.1
     tags = trained.data.tags
     assert len(tags["git_commit"]) == 40 and tags["data_version"].endswith(".dir")
