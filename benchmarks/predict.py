@@ -4,7 +4,8 @@
 
 The volume is made of the real slices in ../shared/data/medseg (repeated to --slices) when that
 folder exists, else of synthetic ones (covseg.data.synthesize). Per-slice time is the model alone
-(windowing, batches of predict.batch_size, argmax, under torch.inference_mode); the volume time is the
+(windowing, batches of predict.batch_size, argmax, under torch.inference_mode), and "before" the same
+without the speed work (one slice per forward pass, autograd on); the volume time is the
 whole `covseg.predict.predict_scans` run (read the NIfTI, predict, write labels, overlays and report).
 `--jit` also times a TorchScript trace of the model, an optional speed-up. Writes
 benchmarks/results/predict.json.
@@ -59,6 +60,24 @@ def time_per_slice(model, hu: np.ndarray, batch_size: int, device, repeat: int) 
     return best / len(hu)
 
 
+def time_before(model, hu: np.ndarray, device, repeat: int) -> float:
+    """The speed work undone: one slice per forward pass, autograd on (a training loop's forward)."""
+    import torch
+
+    from covseg.preprocessing import window
+
+    x = torch.from_numpy(window(hu, -1000.0, 400.0))[:, None].to(device)
+    with torch.enable_grad():
+        model(x[:1]).argmax(1)  # warm up
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for i in range(len(x)):
+                model(x[i:i + 1]).argmax(1)
+            best = min(best, time.perf_counter() - start)
+    return best / len(hu)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / PATHS.model), help="a checkpoint or MLflow model URI")
@@ -97,6 +116,8 @@ def main() -> None:
     timed = hu[:args.timing_slices]
     result["seconds_per_slice"] = round(time_per_slice(model, timed, pp.batch_size, device, args.repeat), 4)
     print(f"model: {result['seconds_per_slice']:.3f} s per {hu.shape[1]}x{hu.shape[2]} slice", flush=True)
+    result["seconds_per_slice_before"] = round(time_before(model, timed, device, args.repeat), 4)
+    print(f"before (batch 1, autograd on): {result['seconds_per_slice_before']:.3f} s per slice", flush=True)
     if args.jit:
         with torch.inference_mode():
             traced = torch.jit.trace(model, torch.zeros(pp.batch_size, 1, *hu.shape[1:], device=device))

@@ -40,6 +40,7 @@ from covseg.errors import ParamsError
 from covseg.experiments import override_args
 from covseg.names import ENV_DEPLOYMENT, ENV_FLOW_RUN, ENV_REPO, ENV_TRACKING_URI, KAGGLE_F1, PATHS
 from covseg.params import Params, apply_overrides, check, read_tree
+from flows.pool import checked_deployment, launch
 
 # ------------------------------------------------------------------------------- plain helpers
 
@@ -62,14 +63,6 @@ def checked_overrides(repo: Path, overrides: dict | None, params_set: str | None
     base = dict(check(tree, f"HEAD:{PATHS.params}").with_set(params_set).sets.get(params_set, {})) if params_set else {}
     overrides = {**base, **dict(overrides or {})}
     return overrides, apply_overrides(tree, overrides, "flow overrides")[1]
-
-
-def checked_deployment(deployment: str | None) -> str | None:
-    """The deployment a fan-out flow may launch: a `train/...` deployment (or none: run locally)."""
-    if deployment is not None and not re.fullmatch(r"train/[A-Za-z0-9_-]+", deployment):
-        raise ParamsError(f"deployment {deployment!r} is not allowed: sweeps and cross-validation launch "
-                          f"train/<name> deployments only")
-    return deployment
 
 
 def experiment_name(flow_run_name: str | None, t0: float) -> str:
@@ -168,17 +161,6 @@ def find_result(uri: str, experiment: str, run_id: str) -> dict:
     return tracking.find_flow_run_result(uri, experiment, run_id)
 
 
-@task
-def launch(deployment: str, parameters: dict) -> str:
-    """One deployment run on the pool; waits for it and returns its id (raises if it did not complete)."""
-    from prefect.deployments import run_deployment
-
-    run = run_deployment(deployment, parameters=parameters, timeout=None, poll_interval=2)
-    if not run.state.is_completed():
-        raise RuntimeError(f"flow run {run.name} ({run.id}) ended {run.state.type.value}: {run.state.message}")
-    return str(run.id)
-
-
 # ------------------------------------------------------------------------------- flows
 
 
@@ -228,7 +210,7 @@ def sweep(param_sets: list[dict], repo: str | None = None, deployment: str | Non
           promote: bool = True) -> list[dict]:
     """Train every param set (in parallel over the pool's workers), tabulate, promote the best."""
     repo_path = resolve_repo(repo)
-    deployment = checked_deployment(deployment)
+    deployment = checked_deployment(deployment, "train", "sweeps and cross-validation")
     table = results_table(_fan_out(param_sets, repo_path, deployment))
     print(table.to_string())
     rows = table.to_dict(orient="records")
@@ -247,7 +229,7 @@ def cross_validate(folds: int = 5, overrides: dict | None = None, repo: str | No
     """k-fold cross-validation: fold i of `split.folds` = k as validation, all folds at once, of
     params.yaml or of a named `params_set` (the same as `covseg cv`, spread over the pool)."""
     repo_path = resolve_repo(repo)
-    deployment = checked_deployment(deployment)
+    deployment = checked_deployment(deployment, "train", "sweeps and cross-validation")
     base, _ = checked_overrides(repo_path, overrides, params_set)
     sets = [{**base, "split.folds": folds, "split.fold": i} for i in range(folds)]
     rows = _fan_out(sets, repo_path, deployment)

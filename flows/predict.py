@@ -1,12 +1,17 @@
-"""Prefect flow `predict`: `covseg predict` over many scans, split into chunks that run as tasks.
+"""Prefect flow `predict`: `covseg predict` over many scans, split into chunks.
 
     python -m flows.predict INPUT... --out DIR [--model SPEC] [--manifest FILE] [--chunk-size N]
+                                              [--deployment predict-chunk/gpu]
 
 The scans (files, folders, glob patterns, and the paths listed in a manifest, one per line, relative to
 the manifest's folder) are found once, split into chunks of `predict.chunk_size` scans, and each chunk
-is one task that calls `covseg.predict.predict_scans` into `DIR/chunks/<k>/` (so parallel chunks never
-share an output name). One combined report then lands in DIR (report_scans.csv, report_slices.csv,
-report.json, label and overlay paths relative to DIR). The flow never re-implements `covseg predict`.
+calls `covseg.predict.predict_scans` into `DIR/chunks/<k>/` (so parallel chunks never share an output
+name): as a flow run of the `predict-chunk/<name>` deployment on its work pool's workers when a
+deployment is given (the `predict/control` deployment launches `predict-chunk/gpu`), else as tasks side
+by side in this process. One combined report then lands in DIR (report_scans.csv, report_slices.csv,
+report.json, label and overlay paths relative to DIR). With workers, the inputs, DIR and a checkpoint
+`--model` must be on storage every worker sees at the same path (a registry URI needs no storage).
+The flow never re-implements `covseg predict`.
 """
 from __future__ import annotations
 
@@ -27,10 +32,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from covseg.errors import CovsegError, DataError
-from covseg.names import CHAMPION, PATHS, PREDICT_REPORT_SLICES
+from covseg.names import CHAMPION, PATHS, PREDICT_REPORT_JSON, PREDICT_REPORT_SLICES
 from covseg.params import load_params
 from covseg.predict import predict_scans, write_report
 from covseg.scans import Source, find_sources
+from flows.pool import checked_deployment, launch
 
 CHUNKS = "chunks"
 
@@ -97,28 +103,53 @@ def combine_reports(out: str, chunks: list[dict], found: dict, model: str, param
             "failed": len(failed)}
 
 
+@flow(name="predict-chunk", log_prints=True)
+def predict_chunk_run(sources: list[dict], out: str, model: str, params_path: str = PATHS.params) -> dict:
+    """One chunk of a `predict` flow run on a pool's worker (the `predict-chunk/gpu` deployment)."""
+    result = predict_chunk(sources, out, model, params_path)
+    print(f"{result['ok']} scans predicted, {result['failed']} failed -> {out}")
+    return result
+
+
+def _absolute(spec: str) -> str:
+    """A checkpoint path made absolute (workers run in another folder); a model URI as it is."""
+    return spec if ":/" in spec else str(Path(spec).resolve())
+
+
 @flow(name="predict", log_prints=True)
 def predict(inputs: list[str], out: str, model: str | None = None, manifest: str | None = None,
-            chunk_size: int | None = None, params_path: str = PATHS.params) -> dict:
-    """Predict many scans in chunks (tasks run side by side); one combined report in `out`."""
+            chunk_size: int | None = None, params_path: str = PATHS.params,
+            deployment: str | None = None) -> dict:
+    """Predict many scans in chunks, one combined report in `out`. With a `predict-chunk/<name>`
+    `deployment`, each chunk is a flow run on that deployment's pool (as many at once as it has
+    workers); without, the chunks are tasks side by side in this process."""
+    deployment = checked_deployment(deployment, "predict-chunk", "batch predictions")
     params = load_params(params_path)  # checked before anything runs
     size = chunk_size or params.predict.chunk_size
     if size < 1:
         raise CovsegError(f"chunk_size = {size} is not allowed: must be at least 1")
-    model = model or f"models:/{params.registry.model_name}@{CHAMPION}"
+    model = _absolute(model or f"models:/{params.registry.model_name}@{CHAMPION}")
+    out, params_path = str(Path(out).resolve()), str(Path(params_path).resolve())
     inputs = list(inputs) + (read_manifest(manifest) if manifest else [])
-    found = list_scans(inputs, out)
+    found = list_scans([str(Path(i).absolute()) for i in inputs], out)
     if not found["sources"] and not found["failed"]:
         raise CovsegError(f"no scans found in {', '.join(inputs) or '(no inputs)'}")
-    parts = chunked(found["sources"], size)
-    futures = [predict_chunk.submit(part, str(Path(out) / CHUNKS / f"{k:04d}"), model, params_path)
-               for k, part in enumerate(parts)]
-    chunks = [f.result() for f in futures]
+    parts = [(part, str(Path(out) / CHUNKS / f"{k:04d}")) for k, part in enumerate(chunked(found["sources"], size))]
+    if deployment:
+        runs = [launch.submit(deployment, {"sources": part, "out": folder, "model": model, "params_path": params_path})
+                for part, folder in parts]
+        for run in runs:
+            run.result()  # raises if a chunk's run did not complete
+        chunks = [{"out": folder, "report": str(Path(folder) / PREDICT_REPORT_JSON)} for _, folder in parts]
+    else:
+        futures = [predict_chunk.submit(part, folder, model, params_path) for part, folder in parts]
+        chunks = [f.result() for f in futures]
     result = combine_reports(out, chunks, found, model, params_path)
     logger = get_run_logger()
     for failure in found["failed"]:
         logger.warning(failure["error"])
-    print(f"{result['ok']} of {result['scans']} scans predicted in {len(parts)} chunk(s); report: {result['report']}")
+    print(f"{result['ok']} of {result['scans']} scans predicted in {len(parts)} chunk(s)"
+          f"{' on ' + deployment if deployment else ''}; report: {result['report']}")
     return result
 
 
@@ -130,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", help="a text file of scan paths, one per line")
     parser.add_argument("--chunk-size", type=int)
     parser.add_argument("--params", default=PATHS.params)
+    parser.add_argument("--deployment", help="run each chunk on this predict-chunk/<name> deployment's pool")
     args = parser.parse_args(argv)
-    result = predict(args.inputs, args.out, args.model, args.manifest, args.chunk_size, args.params)
+    result = predict(args.inputs, args.out, args.model, args.manifest, args.chunk_size, args.params,
+                     args.deployment)
     print(json.dumps(result, indent=1))
     return 1 if result["failed"] else 0
 

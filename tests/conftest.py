@@ -106,6 +106,17 @@ def new_project(tmp_path):
                                                           {**(TINY if tiny else {}), **(overrides or {})})
 
 
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """Prefect's test harness (a throw-away server) for the flow tests, started once per session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+        with prefect_test_harness(server_startup_timeout=90):
+            yield
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 for this test; yields its URI, stopped by PID afterwards."""

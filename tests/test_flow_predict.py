@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from covseg.errors import DataError
+from covseg.errors import DataError, ParamsError
 from covseg.model import Segmenter, UNet, save_checkpoint
 from covseg.names import PATHS, PREDICT_REPORT_JSON, PREDICT_REPORT_SCANS, PREDICT_REPORT_SLICES
 from flows import predict as flow
@@ -61,3 +61,44 @@ def test_tasks_predict_chunks_and_combine_one_report(tmp_path):
     report = json.loads((out / PREDICT_REPORT_JSON).read_text())
     assert report["summary"]["failed"] == 2 and report["model"] == str(model)
     assert {Path(f["input"]).name for f in report["failed"]} == {"bad.npy", "missing.nii"}
+
+
+@pytest.mark.parametrize("deployment", ["train/gpu", "predict-chunk/gpu; rm -rf /", "predict/control"])
+def test_the_flow_launches_predict_chunk_deployments_only(prefect_harness, tmp_path, monkeypatch, deployment):
+    launched = []
+    monkeypatch.setattr(flow, "launch", launched.append)
+    with pytest.raises(ParamsError, match="is not allowed: batch predictions launch predict-chunk/<name>"):
+        flow.predict([str(tmp_path)], str(tmp_path / "out"), model="m.pt", deployment=deployment)
+    assert launched == [] and not (tmp_path / "out").exists()
+
+
+def test_with_a_deployment_each_chunk_is_a_run_on_the_pool_and_one_report_combines_them(
+        prefect_harness, tmp_path, monkeypatch):
+    from prefect import task
+
+    torch.manual_seed(0)
+    save_checkpoint(Segmenter(UNet(base_channels=4, depth=2)), tmp_path / "model.pt")
+    for i in range(3):
+        np.save(tmp_path / f"scan{i}.npy", ct(2, i))
+    runs = []
+
+    @task
+    def fake_launch(deployment: str, parameters: dict) -> str:  # a worker running predict-chunk/gpu
+        runs.append((deployment, parameters))
+        flow.predict_chunk.fn(**parameters)
+        return f"run-{len(runs)}"
+
+    monkeypatch.setattr(flow, "launch", fake_launch)
+    monkeypatch.chdir(tmp_path)  # relative paths here; workers run elsewhere and get absolute ones
+    result = flow.predict(["scan*.npy"], "out", model="model.pt", chunk_size=2, params_path=PARAMS,
+                          deployment="predict-chunk/gpu")
+
+    assert [d for d, _ in runs] == ["predict-chunk/gpu"] * 2
+    assert [len(p["sources"]) for _, p in runs] == [2, 1]
+    for _, parameters in runs:
+        assert Path(parameters["out"]).is_absolute() and Path(parameters["model"]).is_absolute()
+        assert all(Path(s["path"]).is_absolute() for s in parameters["sources"])
+    assert (result["scans"], result["ok"], result["failed"]) == (3, 3, 0)
+    table = pd.read_csv(tmp_path / "out" / PREDICT_REPORT_SCANS)
+    assert sorted(table["scan"]) == ["0000/scan0", "0000/scan1", "0001/scan2"]
+    assert all(np.load(tmp_path / "out" / labels).shape == (2, 16, 20) for labels in table["labels"])

@@ -5,11 +5,13 @@ import sys
 import time
 
 import mlflow
+import nibabel as nib
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
 from covseg import shell
-from covseg.names import ENV_DEPLOYMENT, ENV_REPO
+from covseg.names import ENV_DEPLOYMENT, ENV_REPO, PREDICT_REPORT_JSON
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +23,43 @@ def _prefect(args, cwd, env, check=True):
     return proc
 
 
-def test_train_deployment_runs_on_gpu_pool_workers(new_project, prefect_env):
+def _watch(run, cwd, env):
+    """`prefect deployment run NAME --params JSON --watch`, as the README gives it; asserts it completed."""
+    name, parameters = run
+    done = _prefect(["deployment", "run", name, "--params", json.dumps(parameters), "--watch"], cwd, env)
+    assert "Completed" in done.stdout, done.stdout[-3000:]
+
+
+FLOW_RUNS = """
+import asyncio, json, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+async def main():
+    async with get_client() as client:
+        runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[sys.argv[1]])))
+    print(json.dumps([[r.state_name, r.start_time.timestamp(), r.end_time.timestamp()] for r in runs]))
+asyncio.run(main())
+"""
+
+
+def _flow_runs(flow_name, cwd, env):
+    """[(state, start, end)] of the flow's runs, from the Prefect server in `env`."""
+    return json.loads(shell.run([sys.executable, "-c", FLOW_RUNS, flow_name], cwd, env).stdout)
+
+
+def _gone(pid, timeout=15):
+    """Whether process `pid` has exited (and been reaped) within `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_deployments_run_on_the_pools_workers(new_project, prefect_env, tmp_path):
     project = new_project({"train.epochs": 1})
     server_env, workers = prefect_env
     env = {**server_env, ENV_REPO: str(project)}
@@ -29,58 +67,92 @@ def test_train_deployment_runs_on_gpu_pool_workers(new_project, prefect_env):
         _prefect(["work-pool", "create", pool, "--type", "process"], project, env)
     _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"], project, env)
     shown = _prefect(["deployment", "ls"], project, env).stdout
-    assert "train/gpu" in shown and "train/nightly" in shown
+    for deployment in ("train/gpu", "train/nightly", "sweep/control", "cross_validate/control", "predict/control",
+                       "predict-chunk/gpu"):
+        assert deployment in shown, shown
 
     pins = ["", "1"]  # a CPU-only worker and a worker pinned to GPU 1 (no GPU here: both run on the CPU)
-    with workers(env, "gpu", 2, pins):
-        # one run, triggered as a user would
-        start = time.time()
-        done = _prefect(["deployment", "run", "train/gpu", "--params",
-                         json.dumps({"overrides": {"train.epochs": 2}}), "--watch"], project, env)
-        one_run = time.time() - start
-        assert "Completed" in done.stdout, done.stdout
-        uri = env["MLFLOW_TRACKING_URI"]
-        mlflow.set_tracking_uri(uri)
-        client = MlflowClient(uri)
-        runs = client.search_runs([client.get_experiment_by_name("covseg").experiment_id])
-        assert len(runs) == 1 and runs[0].data.tags["prefect_flow_run_id"]
-        assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 2
-        decision = json.loads(client.get_model_version("covseg-unet", "1").tags["promotion"])
-        aliases = client.get_registered_model("covseg-unet").aliases
-        assert aliases == ({"challenger": "1", "champion": "1"} if decision["promoted"] else {"challenger": "1"})
-        refs = shell.run(["git", "for-each-ref", "refs/exps"], project).stdout
-        assert "refs/exps" in refs, "the experiment came back to the repository"
+    started = shell.run(["bash", "infra/start-control-worker.sh"], project, env)
+    assert "control started" in started.stdout
+    control_pid = int((project / ".servers" / "worker-control.pid").read_text())
+    try:
+        with workers(env, "gpu", 2, pins):
+            # one run, triggered as a user would
+            start = time.time()
+            done = _prefect(["deployment", "run", "train/gpu", "--params",
+                             json.dumps({"overrides": {"train.epochs": 2}}), "--watch"], project, env)
+            one_run = time.time() - start
+            assert "Completed" in done.stdout, done.stdout
+            uri = env["MLFLOW_TRACKING_URI"]
+            mlflow.set_tracking_uri(uri)
+            client = MlflowClient(uri)
+            runs = client.search_runs([client.get_experiment_by_name("covseg").experiment_id])
+            assert len(runs) == 1 and runs[0].data.tags["prefect_flow_run_id"]
+            assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 2
+            decision = json.loads(client.get_model_version("covseg-unet", "1").tags["promotion"])
+            aliases = client.get_registered_model("covseg-unet").aliases
+            assert aliases == ({"challenger": "1", "champion": "1"} if decision["promoted"] else {"challenger": "1"})
+            refs = shell.run(["git", "for-each-ref", "refs/exps"], project).stdout
+            assert "refs/exps" in refs, "the experiment came back to the repository"
 
-        # a bad override is refused before anything runs: no experiment, run or version; champion unchanged
-        failed = _prefect(["deployment", "run", "train/gpu", "--params",
-                           json.dumps({"overrides": {"dvc.yaml:stages.train.cmd": "touch pwned"}}), "--watch"],
-                          project, env, check=False)
-        assert "Failed" in failed.stdout + failed.stderr
-        assert shell.run(["git", "for-each-ref", "refs/exps"], project).stdout == refs
-        assert len(client.search_runs([runs[0].info.experiment_id])) == 1
-        assert len(client.search_model_versions("name='covseg-unet'")) == 1
-        assert client.get_registered_model("covseg-unet").aliases == aliases
+            # a bad override is refused before anything runs: no experiment, run or version; champion unchanged
+            failed = _prefect(["deployment", "run", "train/gpu", "--params",
+                               json.dumps({"overrides": {"dvc.yaml:stages.train.cmd": "touch pwned"}}), "--watch"],
+                              project, env, check=False)
+            assert "Failed" in failed.stdout + failed.stderr
+            assert shell.run(["git", "for-each-ref", "refs/exps"], project).stdout == refs
+            assert len(client.search_runs([runs[0].info.experiment_id])) == 1
+            assert len(client.search_model_versions("name='covseg-unet'")) == 1
+            assert client.get_registered_model("covseg-unet").aliases == aliases
 
-        # a sweep fans out over both workers and promotes the best
-        start = time.time()
-        sets = [{"train.epochs": 2, "train.lr": lr} for lr in (0.002, 0.004)]
-        proc = shell.run([sys.executable, "-m", "flows.pipeline", "sweep", json.dumps(sets)], project,
-                         {**env, ENV_DEPLOYMENT: "train/gpu"}, check=False, timeout=900)
-        sweep_time = time.time() - start
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        rows = json.loads(proc.stdout[proc.stdout.index("[\n"):])
-        assert sorted(r["params"]["train.lr"] for r in rows) == [0.002, 0.004]
-        for row in rows:  # each row is its own MLflow run's result
-            assert client.get_run(row["mlflow_run_id"]).data.metrics["kaggle_f1"] == row["kaggle_f1"]
-            assert client.get_run(row["mlflow_run_id"]).data.params["train.lr"] == str(row["params"]["train.lr"])
-        assert rows[0]["promotion"]["challenger"] == rows[0]["model_version"]
-        # each run used its worker's pinning, never a deployment's
-        seen = [client.get_run(r.info.run_id).data.tags["cuda_visible_devices"]
-                for r in client.search_runs([runs[0].info.experiment_id])]
-        assert len(seen) == 3 and set(seen) <= set(pins), seen
-        assert isinstance(rows[0]["promotion"]["promoted"], bool)
-        assert len(client.search_model_versions("name='covseg-unet'")) == 3
-        print(f"one run {one_run:.0f}s; sweep of 2 over 2 workers {sweep_time:.0f}s")
+            # the README's fan-out deployments, run by the control pool's worker on the gpu pool's two workers
+            start = time.time()
+            sets = [{"train.epochs": 2, "train.lr": lr} for lr in (0.002, 0.004)]
+            _watch(["sweep/control", {"param_sets": sets}], project, env)
+            sweep_time = time.time() - start
+            experiment = runs[0].info.experiment_id
+            swept = [r for r in client.search_runs([experiment]) if r.info.run_id != runs[0].info.run_id]
+            assert sorted(float(r.data.params["train.lr"]) for r in swept) == [0.002, 0.004]
+            versions = client.search_model_versions("name='covseg-unet'")
+            assert len(versions) == 3
+            f1 = {r.info.run_id: r.data.metrics["kaggle_f1"] for r in swept}
+            gated = [v for v in versions if v.run_id in f1 and "promotion" in v.tags]
+            assert len(gated) == 1, "the sweep sends its best version, and only it, to the gate"
+            assert f1[gated[0].run_id] == max(f1.values())
+            assert client.get_registered_model("covseg-unet").aliases["challenger"] == gated[0].version
+
+            _watch(["cross_validate/control", {"folds": 2, "overrides": {"train.epochs": 1}}], project, env)
+            folds = [r for r in client.search_runs([runs[0].info.experiment_id]) if r.data.params["split.folds"] == "2"]
+            assert sorted(r.data.params["split.fold"] for r in folds) == ["0", "1"]
+            assert len(client.search_model_versions("name='covseg-unet'")) == 5
+
+            # each run used its worker's pinning, never a deployment's
+            seen = [r.data.tags["cuda_visible_devices"] for r in client.search_runs([runs[0].info.experiment_id])]
+            assert len(seen) == 5 and set(seen) <= set(pins), seen
+
+            # batch prediction: 4 volumes in chunks of 1, each chunk a predict-chunk/gpu run on the gpu pool
+            scans = tmp_path / "scans"
+            scans.mkdir()
+            rng = np.random.default_rng(0)
+            for i in range(4):
+                volume = rng.choice([-1000, -700, -200, 100], size=(48, 40, 3)).astype(np.int16)
+                nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.5, 1])), scans / f"ct{i}.nii.gz")
+            start = time.time()
+            _watch(["predict/control", {"inputs": [str(scans)], "out": str(tmp_path / "pred"),
+                                        "model": "models:/covseg-unet/1", "chunk_size": 1}], project, env)
+            predict_time = time.time() - start
+            report = json.loads((tmp_path / "pred" / PREDICT_REPORT_JSON).read_text())
+            assert report["summary"]["failed"] == 0 and len(report["scans"]) == 4
+            assert all(nib.load(tmp_path / "pred" / s["labels"]).shape == (48, 40, 3) for s in report["scans"])
+            chunk_runs = _flow_runs("predict-chunk", project, env)
+            assert len(chunk_runs) == 4 and all(state == "Completed" for state, _, _ in chunk_runs)
+            spans = sorted((start, end) for _, start, end in chunk_runs)
+            assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), "two workers at once"
+            print(f"one run {one_run:.0f}s; sweep of 2 over 2 workers {sweep_time:.0f}s; "
+                  f"4 volumes predicted in 4 chunks over 2 workers {predict_time:.0f}s")
+    finally:
+        shell.run(["bash", "infra/stop.sh"], project, env)
+    assert _gone(control_pid), "infra/stop.sh stopped the control worker"
 
 
 def test_cross_validate_runs_locally_without_a_server(new_project, tmp_path):
