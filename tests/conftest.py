@@ -198,6 +198,24 @@ def repro_project(tmp_path_factory):
 
 
 @pytest.fixture
+def s3_endpoint(tmp_path, monkeypatch):
+    """A real S3 endpoint (moto) on 127.0.0.1 holding the empty bucket servers.S3_BUCKET; yields its URL,
+    stopped by PID afterwards. This test's environment keeps no AWS credentials or config (nothing can reach
+    AWS; only a region is set): the test gives servers.S3_CREDENTIALS to the commands that need them."""
+    from servers import S3_BUCKET, s3_client, s3_server
+
+    for var in [v for v in os.environ if v.startswith("AWS_") or v == "MLFLOW_S3_ENDPOINT_URL"]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with s3_server(tmp_path) as url:
+        s3_client(url).create_bucket(Bucket=S3_BUCKET)
+        yield url
+
+
+@pytest.fixture
 def prefect_env(tmp_path, mlflow_server):
     """A real Prefect server and MLflow server on 127.0.0.1; yields (the environment that points at them,
     workers) where `workers(pool, count, env)` starts process workers (a context manager)."""

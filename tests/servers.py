@@ -13,6 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+# The test S3 endpoint's bucket and dummy credentials (moto takes any).
+S3_BUCKET = "covseg-test"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "covseg-test-key", "AWS_SECRET_ACCESS_KEY": "covseg-test-secret"}
 
 
 def free_port() -> int:
@@ -48,15 +51,17 @@ def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
 
 
 @contextmanager
-def mlflow_server(root: Path):
+def mlflow_server(root: Path, artifacts: str | None = None, env: dict | None = None):
+    """`mlflow server` storing artifacts in `artifacts` (default: root/artifacts; s3://... too), run in this
+    environment updated by `env` (S3 credentials and MLFLOW_S3_ENDPOINT_URL, say); yields its URI."""
     port = free_port()
     log = open(root / "mlflow-server.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
+         "--artifacts-destination", artifacts or str(root / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})})
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", proc)
         yield f"http://127.0.0.1:{port}"
@@ -119,3 +124,27 @@ def model_server(root: Path, model_uri: str, env: dict):
     finally:
         stop(proc)
         log.close()
+
+
+@contextmanager
+def s3_server(root: Path):
+    """moto's AWS server (`moto_server`) on 127.0.0.1, an S3 endpoint that takes any credentials;
+    yields its endpoint URL (DVC's `endpointurl`, MLflow's MLFLOW_S3_ENDPOINT_URL)."""
+    port = free_port()
+    log = open(root / "s3-server.log", "w")
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/moto-api/data.json", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+        log.close()
+
+
+def s3_client(url: str):
+    """A boto3 S3 client of the endpoint at `url`, with the test credentials."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=url, aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])

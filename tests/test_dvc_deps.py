@@ -1,5 +1,6 @@
 """dvc.yaml tells the truth: each stage's deps list every covseg module the stage runs, and its paths
 are the ones the code uses by default."""
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,14 @@ def test_the_training_state_is_left_in_place_by_dvc():
     train = dvc_stages()["train"]
     assert f"--state {PATHS.train_state}" in train["cmd"]
     assert all(PATHS.train_state not in (o if isinstance(o, str) else next(iter(o))) for o in train["outs"])
+
+
+def test_every_output_reaches_a_clone():
+    """An output DVC does not cache (`cache: false`) reaches a clone only through git, so git must not
+    ignore it (else a `git clone` + `dvc pull` never gets it back)."""
+    uncached = [path for s in dvc_stages().values() for o in s.get("outs", []) + s.get("metrics", [])
+                + s.get("plots", []) if isinstance(o, dict) for path, opts in o.items() if opts.get("cache") is False]
+    assert PATHS.metrics in uncached
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *uncached], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split()
+    assert not ignored, f"dvc.yaml outputs with cache: false that .gitignore ignores: {ignored}"
