@@ -1,0 +1,221 @@
+"""infra/: the servers listen where they are told, ask for credentials when exposed, and keep secrets out of git."""
+import base64
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from servers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "infra" / "compose.yaml"
+SECRETS = "infra/.env"
+# what infra/secrets.sh writes; clients need the last three
+SECRET_NAMES = ("MLFLOW_DB_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_TRACKING_USERNAME",
+                "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
+CLIENT_NAMES = SECRET_NAMES[2:]
+
+
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _default(value: str) -> str:
+    """`value` as compose interpolates it with none of its variables set (only ${VAR:-default} survives)."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
+def _required_var(value: str) -> str | None:
+    """The variable of `value` when it is exactly `${VAR:?message}` (compose refuses to start without it)."""
+    found = re.fullmatch(r"\$\{(\w+):\?[^}]+\}", value)
+    return found and found.group(1)
+
+
+def _read_env(path: Path) -> dict:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
+def _bash(cmd: str, cwd: Path, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", cmd], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _secrets_repo(tmp_path: Path, name: str) -> Path:
+    """A git repository with the project's .gitignore and infra/secrets.sh alone."""
+    repo = tmp_path / name
+    (repo / "infra").mkdir(parents=True)
+    shutil.copy(ROOT / "infra" / "secrets.sh", repo / "infra" / "secrets.sh")
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    return repo
+
+
+# ----------------------------------------------------------------------------- compose.yaml
+
+
+def test_compose_publishes_ports_on_loopback_only_by_default():
+    published = [(name, port) for name, svc in _compose()["services"].items() for port in svc.get("ports", [])]
+    assert published, "compose publishes MLflow and Prefect"
+    for name, port in published:
+        assert isinstance(port, str) and _default(port).startswith("127.0.0.1:"), (name, port)
+        assert port.startswith("${COVSEG_HOST:-127.0.0.1}:"), (name, port)
+
+
+def test_compose_holds_no_password_and_takes_secrets_from_the_environment():
+    text = COMPOSE.read_text()
+    # no secret variable has a default value in the file
+    assert not re.findall(r"\$\{\w*(?:PASSWORD|AUTH_STRING|SECRET)\w*:?-", text)
+    services = _compose()["services"]
+    assert _required_var(services["db"]["environment"]["POSTGRES_PASSWORD"]) == "MLFLOW_DB_PASSWORD"
+    assert "mlflow:mlflow@" not in text
+
+
+def test_compose_turns_authentication_on():
+    services = _compose()["services"]
+    mlflow_env, prefect_env, worker_env = (services[s]["environment"] for s in ("mlflow", "prefect", "worker"))
+    assert "--app-name basic-auth" in " ".join(services["mlflow"]["command"].split())
+    assert _required_var(mlflow_env["MLFLOW_AUTH_ADMIN_USERNAME"]) == "MLFLOW_TRACKING_USERNAME"
+    assert _required_var(mlflow_env["MLFLOW_AUTH_ADMIN_PASSWORD"]) == "MLFLOW_TRACKING_PASSWORD"
+    assert _required_var(mlflow_env["MLFLOW_FLASK_SERVER_SECRET_KEY"]) == "MLFLOW_FLASK_SERVER_SECRET_KEY"
+    assert _required_var(prefect_env["PREFECT_SERVER_API_AUTH_STRING"]) == "PREFECT_API_AUTH_STRING"
+    for name in CLIENT_NAMES:  # the GPU worker is a client of both
+        assert _required_var(worker_env[name]) == name
+
+
+# ----------------------------------------------------------------------------- secrets
+
+
+def test_repository_ignores_the_secrets_file():
+    assert subprocess.run(["git", "check-ignore", "-q", SECRETS], cwd=ROOT).returncode == 0
+
+
+def test_secrets_are_random_private_ignored_and_never_overwritten(tmp_path):
+    files = []
+    for name in ("a", "b"):
+        repo = _secrets_repo(tmp_path, name)
+        _bash("bash infra/secrets.sh", repo).check_returncode()
+        path = repo / SECRETS
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert subprocess.run(["git", "check-ignore", "-q", SECRETS], cwd=repo).returncode == 0
+        assert "infra/.env" not in _bash("git status --porcelain --untracked-files=all", repo).stdout
+        files.append(path)
+    first, second = (_read_env(path) for path in files)
+    assert set(first) == set(SECRET_NAMES)
+    for name in SECRET_NAMES:
+        if name != "MLFLOW_TRACKING_USERNAME":
+            assert len(first[name]) >= 32 and first[name] != second[name], name
+    user, _, password = first["PREFECT_API_AUTH_STRING"].partition(":")
+    assert user and len(password) >= 32
+
+    files[0].write_text(files[0].read_text() + "# edited\n")
+    kept = files[0].read_text()
+    _bash("bash infra/secrets.sh", files[0].parents[1]).check_returncode()
+    assert files[0].read_text() == kept
+
+
+def test_secrets_are_read_not_run_and_the_environment_wins(tmp_path):
+    repo = _secrets_repo(tmp_path, "r")
+    (repo / SECRETS).write_text("MLFLOW_TRACKING_USERNAME=$(touch pwned)\nMLFLOW_TRACKING_PASSWORD=from-file\n")
+    out = _bash(". infra/secrets.sh && secrets_export MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD "
+                "PREFECT_API_AUTH_STRING && echo \"$MLFLOW_TRACKING_USERNAME|$MLFLOW_TRACKING_PASSWORD|"
+                "${PREFECT_API_AUTH_STRING-unset}\"", repo, {"MLFLOW_TRACKING_PASSWORD": "from-env"})
+    out.check_returncode()
+    assert out.stdout.strip() == "$(touch pwned)|from-env|unset"
+    assert not (repo / "pwned").exists()
+
+
+# ----------------------------------------------------------------------------- start-servers.sh
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"COVSEG_HOST": "0.0.0.0", "COVSEG_AUTH": "0"}, "without authentication"),
+    ({"COVSEG_HOST": "10.1.2.3", "COVSEG_AUTH": "0"}, "without authentication"),
+    ({"COVSEG_AUTH": "yes"}, "COVSEG_AUTH must be"),
+])
+def test_start_servers_refuses_to_serve_other_machines_without_authentication(tmp_path, env, message):
+    shutil.copytree(ROOT / "infra", tmp_path / "infra")  # no .venv here: nothing could start
+    out = _bash("bash infra/start-servers.sh", tmp_path, env)
+    assert out.returncode != 0
+    assert message in out.stderr and "COVSEG_AUTH" in out.stderr, out.stderr
+    assert not (tmp_path / ".servers").exists()
+
+
+def _status(url: str, auth: tuple[str, str] | None = None, data: bytes | None = None) -> int:
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _gone(pid: int) -> bool:
+    """No process `pid` and no process left in its group (each server runs in a group of its own)."""
+    for probe in (os.kill, os.killpg):
+        try:
+            probe(pid, 0)
+            return False
+        except ProcessLookupError:
+            pass
+    return True
+
+
+@pytest.mark.slow
+def test_start_servers_with_authentication_then_stop(new_project, tmp_path):
+    """The real scripts on a loopback address other than 127.0.0.1, authentication forced on: the REST APIs
+    answer 401 without credentials and 200 with those of infra/.env; stop.sh leaves no process behind."""
+    project = new_project()
+    (project / ".venv").symlink_to(Path(sys.executable).parents[1])
+    (project / SECRETS).unlink(missing_ok=True)  # the script writes its own
+    host, mlflow_port, prefect_port = "127.0.0.2", free_port(), free_port()
+    env = {"COVSEG_HOST": host, "COVSEG_AUTH": "1", "MLFLOW_PORT": str(mlflow_port),
+           "PREFECT_PORT": str(prefect_port), "MLFLOW_SERVER_ALLOWED_HOSTS": f"{host}:*",
+           "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    clean = {k: v for k, v in os.environ.items() if k not in {*CLIENT_NAMES, "PREFECT_API_URL", "MLFLOW_TRACKING_URI"}}
+    pids = []
+    try:
+        started = subprocess.run(["bash", "infra/start-servers.sh"], cwd=project, env={**clean, **env},
+                                 capture_output=True, text=True, timeout=400)
+        pids = [int(p.read_text()) for p in (project / ".servers").glob("*.pid")]
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert stat.S_IMODE((project / SECRETS).stat().st_mode) == 0o600
+        secrets = _read_env(project / SECRETS)
+        for value in secrets.values():
+            assert value not in started.stdout + started.stderr, "a secret in the output"
+
+        mlflow_api = f"http://{host}:{mlflow_port}/api/2.0/mlflow/experiments/search?max_results=1"
+        mlflow_user = (secrets["MLFLOW_TRACKING_USERNAME"], secrets["MLFLOW_TRACKING_PASSWORD"])
+        assert _status(mlflow_api) == 401
+        assert _status(mlflow_api, (mlflow_user[0], "wrong-password")) == 401
+        assert _status(mlflow_api, mlflow_user) == 200
+
+        prefect_api = f"http://{host}:{prefect_port}/api/deployments/filter"
+        prefect_user = tuple(secrets["PREFECT_API_AUTH_STRING"].split(":", 1))
+        assert _status(prefect_api, data=b"{}") == 401
+        assert _status(prefect_api, (prefect_user[0], "wrong"), data=b"{}") == 401
+        assert _status(prefect_api, prefect_user, data=b"{}") == 200
+
+        # listening on the configured address only
+        for port in (mlflow_port, prefect_port):
+            with pytest.raises(urllib.error.URLError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        stopped = _bash("bash infra/stop.sh", project, timeout=120)
+    assert stopped.returncode == 0, stopped.stderr
+    assert len(pids) >= 2
+    deadline = time.time() + 10
+    while not all(_gone(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.5)
+    assert all(_gone(pid) for pid in pids), pids
+    assert not list((project / ".servers").glob("*.pid"))
