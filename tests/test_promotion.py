@@ -232,3 +232,38 @@ def test_an_expired_lease_is_taken_over_and_its_holder_cannot_move_the_champion(
     stale.release()  # not its lock any more: leaves it alone
     fresh.confirm()
     fresh.release()
+
+
+def test_a_late_lock_write_never_lets_its_writer_in_beside_the_holder(versions, reg):
+    """A's tag write lands after B took the lease (a registry round trip slower than settle_s / 2): A backs
+    off, and must not then take its own late tag for a free lock while B holds the lease."""
+    versions(1)
+    late = registry.PromotionLock(NAME, 60, 1.5, 0.2)
+    holder = registry.PromotionLock(NAME, 60, 5, 0.2)
+    write = late.client.set_registered_model_tag
+    taken = threading.Event()
+
+    def slow_write(*args):
+        taken.wait(10)  # the write is in flight while B takes the lease
+        write(*args)
+
+    late.client.set_registered_model_tag = slow_write
+    thread = threading.Thread(target=holder.acquire)
+    failure = []
+
+    def contend():
+        try:
+            late.acquire()
+        except CovsegError as error:
+            failure.append(error)
+
+    contender = threading.Thread(target=contend)
+    contender.start()
+    time.sleep(0.05)  # A has read the lock free and is writing
+    thread.start()
+    thread.join()
+    taken.set()  # B holds the lease; A's write lands on top of it
+    contender.join()
+    assert failure and "could not take the promotion lock" in str(failure[0]), "both would hold the lock"
+    with pytest.raises(registry.LockLost):
+        holder.confirm()  # B sees its lease overwritten: it moves nothing

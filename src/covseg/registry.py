@@ -13,10 +13,11 @@ go through this module, each decision compares the challenger with the version t
 the alias moves, so two promotions at once cannot both win against the same champion and a worse
 version never replaces a better one it was not compared with. Limits: MLflow has no transactions, so the
 lease is Fischer's timed mutual exclusion on a tag (write, wait `lock_settle_s`, read back): it holds
-while a registry write lands within `lock_settle_s / 2` of the read before it (a slower writer backs off,
-and the holder reads the lease again just before it moves `champion`), and while the machines' clocks
-agree to well within `lock_lease_s`. Anyone who moves the alias another way (the MLflow UI, an older
-covseg) is not excluded; the re-check then catches a move made before it, not one in the last instant.
+while a registry write lands within `lock_settle_s / 2` of the read before it (a slower writer backs
+off and leaves its late tag to expire, and the holder reads the lease again just before it moves
+`champion`), and while the machines' clocks agree to well within `lock_lease_s`. Anyone who moves the
+alias another way (the MLflow UI, an older covseg) is not excluded; the re-check then catches a move
+made before it, not one in the last instant.
 """
 from __future__ import annotations
 
@@ -227,6 +228,8 @@ class PromotionLock:
                     held = self._read()
                     if held is not None and held.get("token") == self.token:
                         return
+                else:  # the late write may sit on another's lease: it stays held by no one until it expires
+                    self.token = uuid.uuid4().hex
             if time.monotonic() > deadline:
                 raise CovsegError(f"{self.name}: could not take the promotion lock (tag {TAG_PROMOTION_LOCK}) "
                                   f"within registry.lock_wait_s {self.wait_s}s: held by "
