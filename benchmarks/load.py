@@ -11,7 +11,9 @@ validate / preprocess have run once in the project (the working copies restore t
 DVC run cache, as a team's cache would). Then checks: N completed flow runs; N MLflow runs, each with
 every epoch's train_loss and the validation metrics of the epochs train.val_every names; N registered
 versions, each with its recorded gate decision; and a consistent champion (see `champion_problems`).
-Writes benchmarks/results/load.json (counts, wall times, per-run times, peak memory, the problems).
+Meanwhile it samples memory and times the registry round trip the promotion lock relies on (read, then
+write a tag; `registry.lock_settle_s / 2` is its limit). Writes benchmarks/results/load.json (counts, wall
+times, per-run times and gate decisions, peak memory, registry latency, the problems found).
 """
 from __future__ import annotations
 
@@ -281,10 +283,10 @@ def load_test(root: Path, n: int = 8, epochs: int = 3, val_every: int = 2, timeo
                 flow_runs = trigger_and_wait(client, param_sets, timeout)
                 done = time.time()
                 result = check(uri, flow_runs, params, epochs, val_every)
-    gate = result.pop("decisions")
+    gate, version_of = result.pop("decisions"), result.pop("version_of_flow_run")
     rows = []
     for fr in flow_runs:
-        version = result["version_of_flow_run"].get(str(fr.id))
+        version = version_of.get(str(fr.id))
         decision = gate.get(version, {})
         rows.append({"flow_run": fr.name, "state": fr.state.name if fr.state else None,
                      "lr": fr.parameters["overrides"]["train.lr"], "version": version,

@@ -43,7 +43,7 @@ def test_an_inconsistent_race_is_named(decisions, champion, problem):
 
 @pytest.mark.slow
 def test_eight_trainings_at_once(tmp_path):
-    """8 train/gpu runs at once on 8 process workers, one MLflow server, promote=True (about 6 min on 2 cores)."""
+    """8 train/gpu runs at once on 8 process workers, one MLflow server, promote=True (about 5 min on 2 cores)."""
     result = load_test(tmp_path, n=8, epochs=3, val_every=2, timeout=900)
     assert result["problems"] == []
     counts = ("flow_runs_completed", "mlflow_runs", "runs_with_full_history", "registered_versions")
