@@ -1,4 +1,6 @@
-"""End to end: a `dvc repro` killed during training resumes from its last epoch when run again."""
+"""End to end: what a failed or killed `dvc repro` leaves, how training resumes and how the last good outputs
+come back (README, "When a run fails or is killed")."""
+import hashlib
 import os
 import signal
 import subprocess
@@ -9,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from covseg.names import PATHS
 
@@ -38,3 +41,45 @@ def test_a_killed_dvc_repro_resumes_training(new_project, sh, tmp_path):
     history = pd.read_csv(project / PATHS.history)
     assert history["epoch"].tolist() == list(range(1, 201)), "the history is whole, earlier epochs included"
     assert (project / PATHS.model).is_file() and (project / PATHS.metrics).is_file()
+
+
+def test_the_last_good_outputs_come_back_after_a_failed_training(new_project, sh, mlflow_store):
+    project = new_project({"train.epochs": 1})
+    client = MlflowClient(mlflow_store)
+    outputs = [project / p for p in (PATHS.model, PATHS.history, PATHS.metrics)]
+
+    def md5s():
+        return {p.name: hashlib.md5(p.read_bytes()).hexdigest() if p.is_file() else None for p in outputs}
+
+    def runs():
+        return (len(client.search_runs([client.get_experiment_by_name("covseg").experiment_id])),
+                len(client.search_model_versions("name='covseg-unet'")))
+
+    sh("dvc repro && git add -A && git commit -qm good", project)
+    good, good_runs = md5s(), runs()
+
+    # a failed training: a warm start from a checkpoint that is not there
+    sh("sed -i 's|^  init: .*|  init: models/missing.pt|' params.yaml", project)
+    failed = sh("dvc repro", project, check=False)
+    assert failed.returncode != 0 and "No such file or directory: 'models/missing.pt'" in failed.stdout + failed.stderr
+    assert md5s() == {**good, "model.pt": None, "train_history.csv": None}, "DVC removed train's outputs first"
+    assert "deleted:            models/model.pt" in sh("dvc status", project).stdout
+
+    # the recovery the README gives: the outputs dvc.lock records, from the DVC cache and git
+    sh("dvc checkout && git checkout reports/train_history.csv", project)
+    assert md5s() == good
+    status = sh("dvc status", project).stdout
+    assert "deleted" not in status and "modified:           train" in status, status  # the edit is still there
+    sh("git checkout params.yaml", project)
+    assert "Data and pipelines are up to date" in sh("dvc status", project).stdout
+
+    # another training, then the edit reverted: the run cache restores the good outputs without training
+    sh("sed -i 's|^  lr: .*|  lr: 0.003|' params.yaml && dvc repro", project)
+    assert md5s()["model.pt"] != good["model.pt"]
+    trained_runs = runs()
+    restored = sh("git checkout params.yaml && dvc repro", project).stdout
+    assert "Stage 'train' is cached - skipping run" in restored and "Running stage 'train'" not in restored
+    assert "Stage 'evaluate' is cached - skipping run" in restored, restored
+    assert md5s() == good and runs() == trained_runs, "no training, no new MLflow run or model version"
+    assert trained_runs == (good_runs[0] + 2, good_runs[1] + 1)  # the failed run and the lr=0.003 run
+    assert "Data and pipelines are up to date" in sh("dvc status", project).stdout
