@@ -17,6 +17,7 @@ def test_project_params_are_valid(params):
     ("split.fold", 7, r"split\.fold = 7 is not allowed: must be in 0\.\.4 \(split\.folds is 5\)"),
     ("train.class_weights", [1, 2], r"train\.class_weights = \[1, 2\] is not allowed"),
     ("train.epochs", "3", r"train\.epochs = '3' is not allowed: Input should be a valid integer"),
+    ("train.epochs", 0, r"train\.epochs = 0 is not allowed: Input should be greater than or equal to 1"),
     ("train.scale", 1.5, r"train\.scale = 1\.5 is not allowed"),
     ("model.norm", "layer", r"model\.norm = 'layer' is not allowed"),
     ("window.hu_max", -2000, r"window\.hu_max = -2000 is not allowed: must be greater than window\.hu_min"),

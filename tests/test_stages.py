@@ -8,6 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from covseg import registry
+from covseg.atomic import staging_path
 from covseg.cli import main
 from covseg.errors import CovsegError
 from covseg.model import load_checkpoint
@@ -18,8 +19,13 @@ from covseg.validation import ContractError
 
 @pytest.fixture
 def pipeline(tmp_path, tiny_raw, tiny_params, mlflow_store, monkeypatch):
-    """The five stages, in order, in a project folder of their own; returns the folder and results."""
+    """The five stages, in order, in a project folder of their own, with the leftovers of a crashed
+    older run beside the outputs of train and evaluate; returns the folder and results."""
     monkeypatch.chdir(tmp_path)
+    staging_path(tmp_path / PATHS.model).parent.mkdir(parents=True)
+    staging_path(tmp_path / PATHS.model).write_bytes(b"an older run's half-written model")
+    staging_path(tmp_path / PATHS.evaluation).mkdir(parents=True)
+    (staging_path(tmp_path / PATHS.evaluation) / "from_a_crashed_run.png").write_bytes(b"stale")
     (tmp_path / PATHS.dvc_file).write_text("outs:\n- md5: 0123abcd.dir\n  path: data/raw\n")  # the data version
     p = tiny_params
     results = {
@@ -46,8 +52,10 @@ def test_stages_write_and_return_their_outputs(pipeline, tiny_params):
     metrics = json.loads((root / PATHS.metrics).read_text())
     assert metrics == r["evaluate"] and metrics["model_version"] == 1
     assert metrics["val_slices"] == len(split["val_index"])
-    assert {p.name for p in (root / PATHS.evaluation).iterdir()} >= {"per_slice.csv", "loss_curves.png",
-                                                                     "confusion_matrix.png"}
+    evaluation = {p.name for p in (root / PATHS.evaluation).iterdir()}
+    assert evaluation >= {"per_slice.csv", "loss_curves.png", "confusion_matrix.png"}
+    assert "from_a_crashed_run.png" not in evaluation, "a crashed run's staging is cleared, never merged"
+    load_checkpoint(root / PATHS.model)  # this run's model, not the older run's half-written one
     assert r["submit"]["rows"] == 3 * 64 * 64 * 2 and np.load(r["submit"]["masks"]).shape == (3, 64, 64, 4)
     assert not list(root.rglob(".partial-*")), "no staging left behind"
 
