@@ -68,6 +68,24 @@ def val_epochs(epochs: int, every: int) -> list[int]:
 
 
 @contextmanager
+def repeating(every: float, step):
+    """Calls `step()` every `every` seconds in a background thread while the block runs."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(every):
+            step()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextmanager
 def peak_memory():
     """Samples memory once a second; yields a dict of peaks so far: "tree_rss_mb", the summed RSS of this
     process and all its descendants (servers, workers, flow runs, dvc, covseg; an upper bound: shared
@@ -79,25 +97,18 @@ def peak_memory():
         vm = psutil.virtual_memory()
         return (vm.total - vm.available) / 2**20
 
-    peak, stop, base = {"tree_rss_mb": 0.0, "machine_used_mb": 0.0}, threading.Event(), used()
+    peak, base, me = {"tree_rss_mb": 0.0, "machine_used_mb": 0.0}, used(), psutil.Process()
 
     def sample():
-        me = psutil.Process()
-        while not stop.wait(1.0):
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                with suppress(psutil.Error):  # it ended meanwhile
-                    total += proc.memory_info().rss
-            peak["tree_rss_mb"] = max(peak["tree_rss_mb"], total / 2**20)
-            peak["machine_used_mb"] = max(peak["machine_used_mb"], used() - base)
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            with suppress(psutil.Error):  # it ended meanwhile
+                total += proc.memory_info().rss
+        peak["tree_rss_mb"] = max(peak["tree_rss_mb"], total / 2**20)
+        peak["machine_used_mb"] = max(peak["machine_used_mb"], used() - base)
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
+    with repeating(1.0, sample):
         yield peak
-    finally:
-        stop.set()
-        thread.join()
 
 
 @contextmanager
@@ -109,22 +120,16 @@ def registry_probe(uri: str, every: float = 2.0):
 
     client, name = MlflowClient(uri), "load-probe"
     client.create_registered_model(name)
-    samples, stop = [], threading.Event()
+    samples = []
 
     def probe():
-        while not stop.wait(every):
-            start = time.monotonic()
-            client.get_registered_model(name)
-            client.set_registered_model_tag(name, "probe", str(start))
-            samples.append(time.monotonic() - start)
+        start = time.monotonic()
+        client.get_registered_model(name)
+        client.set_registered_model_tag(name, "probe", str(start))
+        samples.append(time.monotonic() - start)
 
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    try:
+    with repeating(every, probe):
         yield samples
-    finally:
-        stop.set()
-        thread.join()
 
 
 def latency_summary(samples: list[float], limit: float) -> dict:
