@@ -248,6 +248,14 @@ def test_a_late_lock_write_never_lets_its_writer_in_beside_the_holder(versions, 
         write(*args)
 
     late.client.set_registered_model_tag = slow_write
+    read, has_read = late._read, threading.Event()
+
+    def first_read():
+        held = read()
+        has_read.set()
+        return held
+
+    late._read = first_read
     thread = threading.Thread(target=holder.acquire)
     failure = []
 
@@ -259,7 +267,7 @@ def test_a_late_lock_write_never_lets_its_writer_in_beside_the_holder(versions, 
 
     contender = threading.Thread(target=contend)
     contender.start()
-    time.sleep(0.05)  # A has read the lock free and is writing
+    assert has_read.wait(10)  # A has read the lock free and is writing
     thread.start()
     thread.join()
     taken.set()  # B holds the lease; A's write lands on top of it
