@@ -62,3 +62,14 @@ def test_flow_run_lookup_and_champion_data_version(mlflow_store):
     client.set_registered_model_alias("covseg-unet", CHAMPION, version)
     assert registry.champion_data_version("covseg-unet", mlflow_store) == "md5-abc"
     assert tracking.find_flow_run_result(mlflow_store, "covseg", flow_run_id)["model_version"] == int(version)
+
+
+def test_trainings_starting_at_once_share_the_experiment_one_of_them_creates(mlflow_store, monkeypatch):
+    """8 trainings on a fresh server: each saw no experiment, one created it first; the others go on
+    (found by the load test: RESOURCE_ALREADY_EXISTS failed 3 of 8 runs)."""
+    tracking.configure("covseg", mlflow_store)  # another training created it meanwhile
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", lambda name: None)  # what this one saw before
+    tracking.configure("covseg", mlflow_store)
+    created = mlflow.MlflowClient(mlflow_store).get_experiment_by_name("covseg")
+    with mlflow.start_run() as run:
+        assert run.info.experiment_id == created.experiment_id

@@ -62,7 +62,11 @@ def configure(experiment: str, uri: str | None = None) -> str:
         # an embedded SQLite store keeps artifacts beside it; a server decides for itself
         location = ((Path(uri.removeprefix("sqlite:///")).parent / PATHS.mlflow_artifacts).as_uri()
                     if uri.startswith("sqlite:") else None)
-        mlflow.create_experiment(experiment, artifact_location=location)
+        try:
+            mlflow.create_experiment(experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException as error:  # another run created it since: use that one
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     mlflow.set_experiment(experiment)
     return uri
 
