@@ -76,7 +76,9 @@ def prefect_server(root: Path, env: dict):
     port = free_port()
     env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="2",
-               PREFECT_UI_ENABLED="false")
+               PREFECT_UI_ENABLED="false",
+               # many workers on one SQLite database: wait longer for its lock, and clients retry its 503s
+               PREFECT_SERVER_DATABASE_TIMEOUT="60", PREFECT_CLIENT_MAX_RETRIES="10")
     log = open(root / "prefect-server.log", "w")
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
                              "--analytics-off"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
