@@ -71,6 +71,8 @@ fi
 echo $! >"$STATE/mlflow.pid"
 (
     if [ "$AUTH" = 1 ]; then export PREFECT_SERVER_API_AUTH_STRING=$PREFECT_API_AUTH_STRING; fi
+    # its SQLite database, under many workers at once, waits this long for its lock (else: 503s)
+    export PREFECT_SERVER_DATABASE_TIMEOUT=${PREFECT_SERVER_DATABASE_TIMEOUT:-60}
     exec setsid prefect server start --host "$HOST" --port "$PREFECT_PORT" --analytics-off \
         >"$STATE/prefect.log" 2>&1
 ) &
