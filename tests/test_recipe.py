@@ -136,6 +136,16 @@ def test_every_shipped_set_gives_valid_params(params):
     assert "sets.seed" not in str(params.flat()), "sets are not logged as run params"
 
 
+@pytest.mark.parametrize("name", ["seed", "old_default", "crops", "gpu"])
+def test_every_shipped_set_trains(params, slices, tmp_path, name):
+    """Each set's own data path (no augmentation, crops, whole slices), shrunk to a tiny network."""
+    p = params.with_set(name).override({"model.base_channels": 4, "model.depth": 2, "train.epochs": 1,
+                                        "train.device": "cpu", "train.crop": min(params.with_set(name).train.crop, 32)})
+    x, y = slices
+    history = train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "m.pt")
+    assert len(history) == 1 and np.isfinite(history["train_loss"]).all()
+
+
 def test_a_bad_set_is_refused_with_its_name_and_key():
     tree = read_tree()
     tree["sets"]["fast"] = {"train.epochs": 0}

@@ -25,6 +25,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
 )
+from monai.utils import convert_to_tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -228,7 +229,9 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
         losses = []
         bar = tqdm(loader, desc=f"epoch {epoch}/{t.epochs}", leave=False, dynamic_ncols=True, disable=None)
         for batch in bar:
-            xb, yb = batch["image"].as_tensor().float(), batch["label"].as_tensor()[:, 0].long()
+            # MetaTensors after MONAI transforms, plain tensors without any (the seed: no augmentation)
+            xb = convert_to_tensor(batch["image"], track_meta=False).float()
+            yb = convert_to_tensor(batch["label"], track_meta=False)[:, 0].long()
             loss = loss_fn(net(xb.to(device)), yb.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
