@@ -1,12 +1,17 @@
-"""Cross-validated accuracy of params.yaml and of named params sets, side by side.
+"""Cross-validated accuracy of params.yaml, of named params sets and of variants of them, side by side.
 
     python benchmarks/accuracy.py --data ../shared/data/medseg [--sets default old_default] [--jobs 2]
+    python benchmarks/accuracy.py --data ... --sets gpu "e80=default+train.epochs=80" --out-dir benchmarks/results/h200
 
-Runs `covseg cv` (k-fold cross-validation on the labelled slices; never the test slices) for each set,
-`default` being params.yaml as it is. With `--jobs N` the folds of a set run in N processes of one
-thread each. Folds already in benchmarks/results/cv/ for the same params and data are not run again.
-Writes benchmarks/results/accuracy.json and accuracy.md (mean +- std over folds per measure, and what
-the inference-time levers add).
+Runs `covseg cv` (k-fold cross-validation on the labelled slices; never the test slices) for each set:
+`default` is params.yaml as it is, a name is a set of params.yaml:sets, and `NAME=BASE+KEY=VALUE+...`
+is BASE (default or a set) with `-S KEY=VALUE` overrides, for ablations. Every (set, fold) is one
+process; `--jobs N` runs N at once (one CPU thread each when N > 1), the longest recipes first. Folds
+already in OUT_DIR/cv/ for the same params and data are not run again. With `--deadline S`, folds still
+running after S seconds are stopped and the summary covers the folds that finished. Writes
+OUT_DIR/accuracy.json and accuracy.md (mean +- std over folds per measure, and what the inference-time
+levers add). With `--run-only` the folds are run and nothing is summarised (a later call, which finds
+them done, does that).
 """
 from __future__ import annotations
 
@@ -16,14 +21,16 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import yaml
 
 from covseg.atomic import atomic_output, write_json
 from covseg.crossval import CV_METRICS
 from covseg.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def machine() -> str:
@@ -33,28 +40,84 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
-def cv_command(data: str, name: str, folds: list[int]) -> list[str]:
+def parse_spec(spec: str) -> tuple[str, str, list[str]]:
+    """'gpu' -> ('gpu', 'gpu', []); 'e80=default+train.epochs=80' -> ('e80', 'default', ['train.epochs=80'])."""
+    if "=" not in spec.split("+")[0]:
+        return spec, spec, []
+    name, rest = spec.split("=", 1)
+    base, *overrides = rest.split("+")
+    return name, base, overrides
+
+
+def cv_command(data: str, spec: str, folds: list[int], out_dir: Path) -> list[str]:
+    name, base, overrides = parse_spec(spec)
     return [sys.executable, "-m", "covseg.cli", "cv", "--raw", data, "--folds", ",".join(map(str, folds)),
-            "--out", str(RESULTS / "cv" / f"{name}.json"), *([] if name == "default" else ["--set", name])]
+            "--out", str(out_dir / "cv" / f"{name}.json"), *([] if base == "default" else ["--set", base]),
+            *[arg for o in overrides for arg in ("-S", o)]]
 
 
-def finished_folds(name: str, folds: int) -> list[int]:
-    return [k for k in range(folds) if (RESULTS / "cv" / f"{name}.fold{k}.json").is_file()]
+def finished_folds(out_dir: Path, name: str, folds: int) -> list[int]:
+    return [k for k in range(folds) if (out_dir / "cv" / f"{name}.fold{k}.json").is_file()]
 
 
-def run_set(data: str, name: str, folds: int, jobs: int, run: bool = True) -> dict:
-    """All folds of one set, in `jobs` processes, then one pass that only summarises (with `run`
-    False: only the folds already there, whose params and data must still match, else they are run)."""
-    if not run:
-        subprocess.run(cv_command(data, name, finished_folds(name, folds)), check=True)
-        return json.loads((RESULTS / "cv" / f"{name}.json").read_text())
-    groups = [list(range(folds))[i::jobs] for i in range(jobs)]
-    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if jobs > 1 else {})}
-    procs = [subprocess.Popen(cv_command(data, name, g), env=env) for g in groups if g]
-    if any(p.wait() != 0 for p in procs):
-        raise SystemExit(f"cross-validation of {name} failed")
-    subprocess.run(cv_command(data, name, list(range(folds))), check=True)
-    return json.loads((RESULTS / "cv" / f"{name}.json").read_text())
+def work(params, spec: str) -> float:
+    """Rough cost of one fold of a set (epochs x pixels x channels^2), to start the longest first."""
+    name, base, overrides = parse_spec(spec)
+    p = params.with_set(None if base == "default" else base)
+    p = p.override({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}, "-S")
+    t = p.train
+    side = (t.crop or 512 * t.scale) ** 2 * (t.crops_per_slice if t.crop else 1)
+    return t.epochs * side * p.model.base_channels ** 2
+
+
+def run_all(data: str, specs: list[str], folds: int, jobs: int, out_dir: Path, deadline: float | None) -> None:
+    """Every (set, fold) not yet done, `jobs` processes at a time, longest first; stop at the deadline.
+    A fold that fails does not stop the others; the call fails at the end, naming them."""
+    params = load_params(ROOT / "params.yaml")
+    queue = sorted(((spec, k) for spec in specs for k in range(folds)
+                    if k not in finished_folds(out_dir, parse_spec(spec)[0], folds)),
+                   key=lambda job: -work(params, job[0]))
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if jobs > 1 else {})}
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    start, running, failed = time.monotonic(), [], []
+    while queue or running:
+        late = deadline is not None and time.monotonic() - start > deadline
+        while queue and len(running) < jobs and not late:
+            spec, k = queue.pop(0)
+            log = open(logs / f"{parse_spec(spec)[0]}.fold{k}.log", "w")  # noqa: SIM115 (closed when it ends)
+            running.append((subprocess.Popen(cv_command(data, spec, [k], out_dir), env=env, stdout=log,
+                                             stderr=subprocess.STDOUT), parse_spec(spec)[0], k, log))
+        for job in list(running):
+            proc, name, k, log = job
+            if proc.poll() is None:
+                if not late:
+                    continue
+                proc.kill()
+                proc.wait()
+                print(f"{name} fold {k}: stopped at the deadline", flush=True)
+            elif proc.returncode:
+                failed.append(f"{name} fold {k}: see {log.name}")
+                print(f"{name} fold {k}: FAILED (exit code {proc.returncode}, {log.name})", flush=True)
+            else:
+                print(f"{name} fold {k}: done after {time.monotonic() - start:.0f}s", flush=True)
+            running.remove(job)
+            log.close()
+        if late:
+            queue.clear()
+        time.sleep(1)
+    if failed:
+        raise SystemExit("failed:\n" + "\n".join(failed))
+
+
+def summarise(data: str, spec: str, folds: int, out_dir: Path) -> dict | None:
+    """The summary over the folds that finished (no fold is run here: their params and data must match)."""
+    name = parse_spec(spec)[0]
+    done = finished_folds(out_dir, name, folds)
+    if not done:
+        return None
+    subprocess.run(cv_command(data, spec, done, out_dir), check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out_dir / "cv" / f"{name}.json").read_text())
 
 
 def table(results: dict[str, dict]) -> str:
@@ -77,26 +140,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a Kaggle-layout folder of labelled slices")
     parser.add_argument("--sets", nargs="+", default=["default", "old_default"],
-                        help="'default' (params.yaml) and names under params.yaml:sets")
-    parser.add_argument("--jobs", type=int, default=1, help="processes per set (one thread each when > 1)")
+                        help="'default' (params.yaml), names under params.yaml:sets, or NAME=BASE+KEY=VALUE+...")
+    parser.add_argument("--jobs", type=int, default=1, help="folds run at once (one CPU thread each when > 1)")
     parser.add_argument("--partial", nargs="*", default=[], metavar="SET",
-                        help="sets summarised over the folds already in benchmarks/results/cv (not run)")
+                        help="sets summarised over the folds already in OUT_DIR/cv (not run)")
+    parser.add_argument("--deadline", type=float, help="seconds after which running folds are stopped")
+    parser.add_argument("--run-only", action="store_true",
+                        help="run the folds but write no summary (summarise later, e.g. on another machine)")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results",
+                        help="where cv/ and accuracy.json / .md go (default: benchmarks/results)")
     args = parser.parse_args()
     folds = load_params(ROOT / "params.yaml").split.folds
-    results = {name: run_set(args.data, name, folds, args.jobs, name not in args.partial) for name in args.sets}
-    summary = {"machine": machine(), "data": args.data, "folds": folds,
+    where = args.out_dir / "machine.txt"  # the machine the folds ran on, for a summary written elsewhere
+    to_run = [s for s in args.sets if parse_spec(s)[0] not in args.partial]
+    if to_run:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        where.write_text(machine() + "\n")
+    run_all(args.data, to_run, folds, args.jobs, args.out_dir, args.deadline)
+    if args.run_only:
+        return
+    results = {parse_spec(s)[0]: r for s in args.sets if (r := summarise(args.data, s, folds, args.out_dir))}
+    summary = {"machine": where.read_text().strip() if where.is_file() else machine(), "data": args.data,
+               "folds": folds, "sets": args.sets,
                "results": {n: {k: v for k, v in s.items() if k not in ("per_fold", "params")} | {
                    "per_fold": [{k: f[k] for k in (*CV_METRICS, "fold", "seconds")} for f in s["per_fold"]]}
                    for n, s in results.items()}}
-    write_json(summary, RESULTS / "accuracy.json")
-    with atomic_output(RESULTS / "accuracy.md") as tmp:
+    write_json(summary, args.out_dir / "accuracy.json")
+    with atomic_output(args.out_dir / "accuracy.md") as tmp:
         tmp.write_text(f"# Cross-validated accuracy ({folds} folds, labelled slices of {args.data})\n\n"
                        f"Machine: {summary['machine']}. Mean ± standard deviation over folds; per-slice Dice "
                        "over the slices that have the class. 'training s / fold' is wall time as run (with "
-                       "--jobs, folds side by side on one thread each, other work beside them): not a speed "
-                       "figure.\n\n"
+                       "--jobs, folds side by side, other work beside them): not a speed figure.\n\n"
                        + table(results))
-    print((RESULTS / "accuracy.md").read_text())
+    print((args.out_dir / "accuracy.md").read_text())
 
 
 if __name__ == "__main__":

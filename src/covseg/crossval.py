@@ -37,7 +37,7 @@ CV_METRICS = (*DICE, "f1_ggo", "f1_consolidation", KAGGLE_F1, "pooled_f1")
 def recipe_key(params: Params, data: str) -> str:
     """A hash of everything a fold's result depends on: the data and the params the stages read."""
     tree = {k: v for k, v in params.tree().items() if k in ("seed", "window", "split", "model", "train")}
-    tree["train"] = {k: v for k, v in tree["train"].items() if k != "device"}
+    tree["train"] = {k: v for k, v in tree["train"].items() if k not in ("device", "amp")}
     tree["split"] = {"folds": tree["split"]["folds"]}
     return hashlib.sha256(json.dumps([tree, data], sort_keys=True).encode()).hexdigest()[:16]
 

@@ -94,6 +94,7 @@ class Train(Section):
     val_every: int = Field(ge=1)
     init: str
     device: str
+    amp: bool
 
     @field_validator("crop")
     @classmethod

@@ -134,7 +134,7 @@ def _random_states(transform: Compose | None) -> list[np.random.RandomState]:
 
 def recipe_key(t: Train, m: ModelParams, seed: int, *arrays: np.ndarray) -> str:
     """What a training's result depends on: params (not the device) and the data."""
-    h = hashlib.sha256(json.dumps([t.model_dump(exclude={"device"}), m.model_dump(), seed]).encode())
+    h = hashlib.sha256(json.dumps([t.model_dump(exclude={"device", "amp"}), m.model_dump(), seed]).encode())
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
@@ -232,7 +232,8 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
             # MetaTensors after MONAI transforms, plain tensors without any (the seed: no augmentation)
             xb = convert_to_tensor(batch["image"], track_meta=False).float()
             yb = convert_to_tensor(batch["label"], track_meta=False)[:, 0].long()
-            loss = loss_fn(net(xb.to(device)), yb.to(device))
+            with torch.autocast(device.type, torch.bfloat16, enabled=t.amp and device.type == "cuda"):
+                loss = loss_fn(net(xb.to(device)), yb.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,0 +1,56 @@
+"""benchmarks/accuracy.py's fold pool: set specs, longest first, a failed fold that stops nothing else,
+and a deadline that stops what still runs (stand-in commands instead of trainings)."""
+import sys
+import time
+
+import pytest
+from projects import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import accuracy
+
+
+def test_a_spec_is_a_set_with_overrides():
+    assert accuracy.parse_spec("gpu") == ("gpu", "gpu", [])
+    assert accuracy.parse_spec("w=default+train.class_weights=[3,5,1,0.5]+train.epochs=60") == (
+        "w", "default", ["train.class_weights=[3,5,1,0.5]", "train.epochs=60"])
+    cmd = accuracy.cv_command("raw", "w=seed+train.epochs=2", [3], ROOT / "out")
+    assert cmd[cmd.index("--set") + 1] == "seed" and cmd[cmd.index("-S") + 1] == "train.epochs=2"
+    assert cmd[cmd.index("--folds") + 1] == "3" and cmd[cmd.index("--out") + 1].endswith("w.json")
+
+
+def fake_folds(monkeypatch, tmp_path, behaviour: dict[str, str]):
+    """Each (set, fold) runs a stand-in: 'ok' writes its fold file, 'fail' exits 1, 'hang' sleeps."""
+    started = []
+
+    def command(data, spec, folds, out_dir):
+        name = accuracy.parse_spec(spec)[0]
+        started.append((name, folds[0]))
+        fold_file = out_dir / "cv" / f"{name}.fold{folds[0]}.json"
+        code = {"ok": f"import pathlib; pathlib.Path({str(fold_file)!r}).write_text('{{}}')",
+                "fail": "raise SystemExit(1)", "hang": "import time; time.sleep(60)"}[behaviour[name]]
+        return [sys.executable, "-c", code]
+
+    (tmp_path / "cv").mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(accuracy, "cv_command", command)
+    return started
+
+
+def test_longest_recipe_first_and_a_failed_fold_stops_nothing_else(monkeypatch, tmp_path):
+    started = fake_folds(monkeypatch, tmp_path, {"seed": "ok", "bad": "fail", "default": "ok"})
+    with pytest.raises(SystemExit, match=r"bad fold \d"):
+        accuracy.run_all("raw", ["default", "bad=default+train.epochs=2", "seed"], 2, 2, tmp_path, None)
+    assert started[:2] == [("seed", 0), ("seed", 1)], "the largest recipe starts first"
+    assert accuracy.finished_folds(tmp_path, "default", 2) == [0, 1], "the other sets still ran"
+    assert len(started) == 6
+
+
+def test_the_deadline_stops_running_folds_and_finished_folds_are_not_run_again(monkeypatch, tmp_path):
+    (tmp_path / "cv").mkdir()
+    (tmp_path / "cv" / "default.fold0.json").write_text("{}")
+    started = fake_folds(monkeypatch, tmp_path, {"default": "hang"})
+    begin = time.monotonic()
+    accuracy.run_all("raw", ["default"], 3, 2, tmp_path, deadline=2)
+    assert time.monotonic() - begin < 30, "hanging folds were stopped at the deadline"
+    assert started == [("default", 1), ("default", 2)]
+    assert accuracy.finished_folds(tmp_path, "default", 3) == [0]
