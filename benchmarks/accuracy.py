@@ -62,7 +62,7 @@ def finished_folds(out_dir: Path, name: str, folds: int) -> list[int]:
 
 def work(params, spec: str) -> float:
     """Rough cost of one fold of a set (epochs x pixels x channels^2), to start the longest first."""
-    name, base, overrides = parse_spec(spec)
+    _, base, overrides = parse_spec(spec)
     p = params.with_set(None if base == "default" else base)
     p = p.override({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}, "-S")
     t = p.train
