@@ -24,11 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from covseg.atomic import atomic_output, write_json
 from covseg.crossval import CV_METRICS
-from covseg.params import load_params
+from covseg.params import load_params, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +62,7 @@ def work(params, spec: str) -> float:
     """Rough cost of one fold of a set (epochs x pixels x channels^2), to start the longest first."""
     _, base, overrides = parse_spec(spec)
     p = params.with_set(None if base == "default" else base)
-    p = p.override({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}, "-S")
+    p = p.override(parse_overrides(overrides), "-S")
     t = p.train
     side = (t.crop or 512 * t.scale) ** 2 * (t.crops_per_slice if t.crop else 1)
     return t.epochs * side * p.model.base_channels ** 2

@@ -16,6 +16,8 @@ def test_project_params_are_valid(params):
     ("train.loss", "foo", r"train\.loss = 'foo' is not allowed: Input should be 'ce' or 'dice_ce'"),
     ("split.fold", 7, r"split\.fold = 7 is not allowed: must be in 0\.\.4 \(split\.folds is 5\)"),
     ("train.class_weights", [1, 2], r"train\.class_weights = \[1, 2\] is not allowed"),
+    ("model.class_bias", [0, 0, 0], r"model\.class_bias = \[0, 0, 0\] is not allowed"),
+    ("model.class_bias", [0, 99, 0, 0], r"model\.class_bias\.1 = 99 is not allowed: .*less than or equal to 10"),
     ("train.epochs", "3", r"train\.epochs = '3' is not allowed: Input should be a valid integer"),
     ("train.epochs", 0, r"train\.epochs = 0 is not allowed: Input should be greater than or equal to 1"),
     ("train.scale", 1.5, r"train\.scale = 1\.5 is not allowed"),
@@ -71,3 +73,14 @@ def test_cli_refuses_bad_params_before_any_work(tmp_path, tiny_raw, capsys):
 def test_missing_params_file_is_named(tmp_path):
     with pytest.raises(ParamsError, match=r"nope\.yaml: params file is missing"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_set_overrides_are_read_as_yaml_and_a_bad_one_is_one_error():
+    from covseg.params import parse_overrides
+
+    assert parse_overrides(["train.epochs=3", "model.class_bias=[0, 1.5, 0, 0]", "train.init="]) == {
+        "train.epochs": 3, "model.class_bias": [0, 1.5, 0, 0], "train.init": None}
+    with pytest.raises(ParamsError, match="-S 'train.epochs': expected KEY=VALUE"):
+        parse_overrides(["train.epochs"])
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        parse_overrides(["model.class_bias=[0, 1"])

@@ -94,9 +94,20 @@ def test_flip_tta_makes_the_model_mirror_symmetric(tmp_path):
     with torch.no_grad():
         assert not torch.allclose(plain(x.flip(-1)), plain(x).flip(-1), atol=1e-4)
         assert torch.allclose(tta(x.flip(-1)), tta(x).flip(-1), atol=1e-5)
-    save_checkpoint(Segmenter(plain.unet, 0.5, tta=True, min_island=7), tmp_path / "m.pt")
+    save_checkpoint(Segmenter(plain.unet, 0.5, tta=True, min_island=7, class_bias=[1, -2, 0, 0]), tmp_path / "m.pt")
     loaded, _ = load_checkpoint(tmp_path / "m.pt")
-    assert (loaded.scale, loaded.tta, loaded.min_island) == (0.5, True, 7)
+    assert (loaded.scale, loaded.tta, loaded.min_island, loaded.class_bias) == (0.5, True, 7, [1, -2, 0, 0])
+
+
+def test_class_bias_is_added_to_the_logits_every_consumer_sees():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 16, 16)
+    plain = Segmenter(UNet(base_channels=2, depth=1)).eval()
+    biased = Segmenter(plain.unet, class_bias=[0.5, 0.0, 0.0, -3.0]).eval()
+    with torch.no_grad():
+        diff = biased(x) - plain(x)
+    assert torch.allclose(diff, torch.tensor([0.5, 0.0, 0.0, -3.0])[:, None, None].expand_as(diff))
+    assert plain.class_bias == [0.0] * 4
 
 
 def test_small_findings_take_the_next_most_likely_class():
@@ -109,6 +120,21 @@ def test_small_findings_take_the_next_most_likely_class():
     assert (labels[2:4, 2:4] == 3).all(), "the speck becomes background, its next most likely class"
     assert (labels[10:18, 12:18] == 1).all(), "a finding at least min_island pixels is kept"
     assert torch.equal(Segmenter(UNet(base_channels=2, depth=1)).postprocess(logits)[0], logits[0].argmax(0).byte())
+
+
+def test_per_slice_dice_is_monais_with_empty_slices_ignored():
+    from monai.metrics import compute_dice
+
+    rng = np.random.default_rng(0)
+    labels, preds = rng.integers(0, 4, (5, 16, 16)), rng.integers(0, 4, (5, 16, 16))
+    labels[1][labels[1] == 1] = 2           # slice 1 has no consolidation
+
+    def one_hot(a):
+        return torch.nn.functional.one_hot(torch.from_numpy(a), 4).permute(0, 3, 1, 2)
+
+    monai = compute_dice(one_hot(preds), one_hot(labels), include_background=True, ignore_empty=True)[:, :2]
+    np.testing.assert_allclose(per_slice_dice(labels, preds), monai.numpy(), rtol=1e-6)
+    assert np.isnan(per_slice_dice(labels, preds)[1, 1])
 
 
 def test_per_slice_dice_ignores_slices_without_the_class():
@@ -186,6 +212,8 @@ def test_cross_validation_reports_mean_and_spread_and_resumes(params, tiny_raw, 
     assert summary["kaggle_f1_mean"] == pytest.approx(np.mean(f1))
     assert summary["kaggle_f1_std"] == pytest.approx(np.std(f1, ddof=1))
     assert "without_tta.kaggle_f1_mean" in summary and "without_min_island.dice_ggo_mean" in summary
+    saved = np.load(tmp_path / "cv" / "tiny.fold0.logits.npz")  # held-out logits, as trained: no bias
+    assert saved["logits"].shape == (len(saved["ids"]), 4, *saved["labels"].shape[1:])
     per_slice = json.loads((tmp_path / "cv" / "tiny.fold0.json").read_text())["per_slice"]
     assert len(per_slice["slice_id"]) == sum(f["val_slices"] for f in summary["per_fold"][:1])
 

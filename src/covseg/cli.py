@@ -9,9 +9,9 @@ import argparse
 import sys
 import time
 
-from covseg.errors import CovsegError, ParamsError
+from covseg.errors import CovsegError
 from covseg.names import PATHS
-from covseg.params import Params, load_params
+from covseg.params import Params, load_params, parse_overrides
 
 
 def cmd_data_import(args, params: Params) -> None:
@@ -104,15 +104,11 @@ def cmd_promote(args, params: Params) -> None:
 
 
 def cmd_cv(args, params: Params) -> None:
-    import yaml
-
     from covseg.crossval import cross_validate, describe
 
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
     out = args.out or f"{PATHS.cv}/{args.set or 'params'}.json"
-    if any("=" not in item for item in args.override):
-        raise ParamsError(f"-S {next(i for i in args.override if '=' not in i)!r}: expected KEY=VALUE")
-    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.override)}
+    overrides = parse_overrides(args.override)
     summary = cross_validate(args.raw, params.with_set(args.set).override(overrides, "-S"), out, folds,
                              args.set or "")
     print(describe(summary))

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
-from covseg.atomic import write_json
+from covseg.atomic import atomic_output, write_json
 from covseg.data import fingerprint, load_raw, one_hot_to_index
 from covseg.errors import ParamsError
 from covseg.evaluation import confusion_matrix, dice_metrics, per_slice_table, summary_metrics
-from covseg.model import load_checkpoint, pick_device, predict_labels
+from covseg.model import load_checkpoint, pick_device, predict_labels, predict_logits
 from covseg.names import DICE, KAGGLE_F1
 from covseg.params import Params
 from covseg.preprocessing import assign_folds, window
@@ -47,8 +48,10 @@ def _scores(labels: np.ndarray, preds: np.ndarray) -> dict:
 
 
 def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndarray, fold: int,
-             params: Params) -> tuple[dict, pd.DataFrame]:
-    """Train on every fold but `fold`, score `fold`: (metrics, per-slice table of the held-out slices)."""
+             params: Params, logits_out: Path | None = None) -> tuple[dict, pd.DataFrame]:
+    """Train on every fold but `fold`, score `fold`: (metrics, per-slice table of the held-out slices).
+    With `logits_out`, the held-out slices' logits (float16, without model.class_bias), labels and ids
+    are saved there (.npz), so the bias can be chosen by nested cross-validation without training."""
     tr, va = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,13 +60,20 @@ def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndar
         model, ckpt = load_checkpoint(Path(tmp) / "model.pt")
     device = pick_device(params.train.device)
     model = model.to(device)
-    preds = predict_labels(model, images[va], params.evaluate.batch_size, device)
+    logits = predict_logits(model, images[va], params.evaluate.batch_size, device)
+    if logits_out is not None:
+        with atomic_output(logits_out) as tmp, open(tmp, "wb") as f:
+            raw = logits - np.asarray(model.class_bias, dtype=np.float32)[:, None, None]  # as trained
+            np.savez_compressed(f, logits=raw.astype(np.float16), labels=labels[va],
+                                ids=np.asarray([ids[i] for i in va]))
+    preds = model.postprocess(torch.from_numpy(logits)).numpy()
     metrics = {**_scores(labels[va], preds), "fold": fold, "train_slices": len(tr), "val_slices": len(va),
                "epoch": int(ckpt["epoch"]), "seconds": round(time.perf_counter() - start, 1),
                "epoch_seconds": float(history["seconds"].mean())}
     # the inference-time levers, ablated on the same trained model at no training cost
     for lever, off in (("tta", {"tta": False}), ("min_island", {"min_island": 0}),
-                       ("tta_and_min_island", {"tta": False, "min_island": 0})):
+                       ("tta_and_min_island", {"tta": False, "min_island": 0}),
+                       ("class_bias", {"class_bias": [0.0] * len(model.class_bias)})):
         if all(getattr(model, k) != v for k, v in off.items()):
             variant = copy.copy(model)
             variant.__dict__.update(off)
@@ -109,7 +119,8 @@ def cross_validate(raw: str | Path, params: Params, out: str | Path, folds: Sequ
         fold_file = out.with_name(f"{out.stem}.fold{fold}.json")
         done = json.loads(fold_file.read_text()) if fold_file.is_file() else {}
         if done.get("recipe") != key:
-            metrics, table = run_fold(images, labels, data.train_ids, fold_of, fold, params)
+            metrics, table = run_fold(images, labels, data.train_ids, fold_of, fold, params,
+                                      fold_file.with_suffix(".logits.npz"))
             done = {"recipe": key, "metrics": metrics, "per_slice": table.to_dict(orient="list")}
             write_json(done, fold_file)
         print(f"fold {fold}: " + "  ".join(f"{m} {done['metrics'][m]:.4f}" for m in CV_METRICS)

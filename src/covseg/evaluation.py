@@ -52,17 +52,18 @@ def summary_metrics(cm: np.ndarray) -> dict:
 
 
 def per_slice_dice(labels: np.ndarray, preds: np.ndarray) -> np.ndarray:
-    """(N, len(SCORED)) Dice of each slice for each scored class (MONAI `compute_dice`); NaN where the
-    slice has no such label (`ignore_empty`), so a slice without findings neither helps nor hurts."""
-    import torch
-    from monai.metrics import compute_dice
-
-    def one_hot(a: np.ndarray) -> torch.Tensor:
-        return torch.nn.functional.one_hot(torch.from_numpy(np.asarray(a, dtype=np.int64)), NUM_CLASSES
-                                           ).permute(0, 3, 1, 2)
-
-    dice = compute_dice(one_hot(preds), one_hot(labels), include_background=True, ignore_empty=True)
-    return dice[:, list(SCORED)].numpy()
+    """(N, len(SCORED)) Dice of each slice for each scored class; NaN where the slice has no such label
+    (as MONAI's `compute_dice(ignore_empty=True)`), so a slice without findings neither helps nor hurts."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    if labels.shape != preds.shape:
+        raise ValueError(f"labels and predictions differ in size: {labels.shape} vs {preds.shape}")
+    out = np.full((len(labels), len(SCORED)), np.nan)
+    for i, c in enumerate(SCORED):
+        truth, found = labels == c, preds == c
+        support, tp = truth.sum((1, 2)), (truth & found).sum((1, 2))
+        has = support > 0
+        out[has, i] = 2 * tp[has] / (support[has] + found.sum((1, 2))[has])
+    return out
 
 
 def dice_metrics(labels: np.ndarray, preds: np.ndarray) -> dict:

@@ -78,11 +78,15 @@ class Segmenter(nn.Module):
     resizes on the way in and out, so every consumer (evaluate, submit, the registry) sees full size.
     With `tta` the logits are the mean over the slice and its left-right mirror. `postprocess` turns
     logits into labels, dropping findings smaller than `min_island` pixels (model.min_island).
+    `class_bias` is added to each class's logits (model.class_bias, chosen by nested cross-validation):
+    a class the training's weights make too rare or too common is called more or less often.
     """
 
-    def __init__(self, unet: UNet, scale: float = 1.0, tta: bool = False, min_island: int = 0):
+    def __init__(self, unet: UNet, scale: float = 1.0, tta: bool = False, min_island: int = 0,
+                 class_bias: list[float] | None = None):
         super().__init__()
         self.unet, self.scale, self.tta, self.min_island = unet, float(scale), bool(tta), int(min_island)
+        self.class_bias = [float(b) for b in class_bias] if class_bias else [0.0] * unet.config["num_classes"]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.unet(resize(x, self.scale, "bilinear"))
@@ -91,9 +95,10 @@ class Segmenter(nn.Module):
         return logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.tta:
-            return self._logits(x)
-        return (self._logits(x) + self._logits(x.flip(-1)).flip(-1)) / 2
+        logits = self._logits(x) if not self.tta else (self._logits(x) + self._logits(x.flip(-1)).flip(-1)) / 2
+        if any(self.class_bias):
+            logits = logits + torch.tensor(self.class_bias, dtype=logits.dtype, device=logits.device)[:, None, None]
+        return logits
 
     def postprocess(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, 4, H, W) logits -> (N, H, W) uint8 labels; a connected finding (ground glass or
@@ -118,11 +123,17 @@ class Segmenter(nn.Module):
         return torch.from_numpy(out.astype(np.uint8))
 
 
+def segmenter(unet: UNet, scale: float, m: ModelParams) -> Segmenter:
+    """The deployable model of `unet` with the inference-time choices of params.yaml:model."""
+    return Segmenter(unet, scale, m.tta, m.min_island, m.class_bias)
+
+
 def save_checkpoint(model: Segmenter, path: str | Path, **extra) -> None:
     """Weights, network config and `extra` facts (epoch, score, MLflow ids), written atomically."""
     with atomic_output(path) as tmp:
         torch.save({"config": model.unet.config, "scale": model.scale, "tta": model.tta,
-                    "min_island": model.min_island, "state_dict": model.unet.state_dict(), **extra}, tmp)
+                    "min_island": model.min_island, "class_bias": model.class_bias,
+                    "state_dict": model.unet.state_dict(), **extra}, tmp)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
@@ -130,8 +141,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     ckpt = torch.load(path, map_location=device, weights_only=True)
     unet = UNet(**ckpt["config"])
     unet.load_state_dict(ckpt["state_dict"])
-    segmenter = Segmenter(unet, ckpt["scale"], ckpt.get("tta", False), ckpt.get("min_island", 0))
-    return segmenter.to(device).eval(), ckpt
+    model = Segmenter(unet, ckpt["scale"], ckpt.get("tta", False), ckpt.get("min_island", 0),
+                      ckpt.get("class_bias"))
+    return model.to(device).eval(), ckpt
 
 
 def load_model(spec: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -67,6 +67,7 @@ class ModelParams(Section):
     norm: Literal["batch", "instance", "none"]
     tta: bool
     min_island: int = Field(ge=0)
+    class_bias: list[Annotated[float, Field(ge=-10, le=10)]] = Field(min_length=NUM_CLASSES, max_length=NUM_CLASSES)
 
 
 Weight = Annotated[float, Field(ge=0)]
@@ -269,6 +270,16 @@ def read_tree(path: str | Path = PATHS.params) -> dict:
 def load_params(path: str | Path = PATHS.params) -> Params:
     """Read and check params.yaml."""
     return check(read_tree(path), str(path))
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`-S KEY=VALUE` items -> {KEY: VALUE}, each VALUE read as YAML (3 -> int, [1, 2] -> list)."""
+    if bad := next((item for item in items if "=" not in item), None):
+        raise ParamsError(f"-S {bad!r}: expected KEY=VALUE")
+    try:
+        return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"-S: a value is not valid YAML ({exc})") from None
 
 
 def apply_overrides(tree: dict, overrides: dict | None, source: str = "overrides") -> tuple[dict, Params]:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from covseg.atomic import atomic_output
 from covseg.errors import CovsegError
 from covseg.evaluation import confusion_matrix, dice_metrics, summary_metrics
-from covseg.model import Segmenter, build_model, pick_device, predict_logits, resize, save_checkpoint
+from covseg.model import build_model, pick_device, predict_logits, resize, save_checkpoint, segmenter
 from covseg.names import KAGGLE_F1, NUM_CLASSES, SHORT
 from covseg.params import ModelParams, Train
 
@@ -202,7 +202,7 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
     net = build_model(m).to(device)
     if t.init:
         warm_start(net, t.init, device)
-    model = Segmenter(net, t.scale, tta=m.tta, min_island=m.min_island)  # evaluated and saved at full size
+    model = segmenter(net, t.scale, m)  # evaluated and saved at full size
     optimizer, scheduler = make_optimizer(t, net)
     loss_fn = make_loss(t, device)
     val_target = torch.from_numpy(val_labels).long()
@@ -218,7 +218,7 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
             best_epoch = max((r for r in history if "val_loss" in r), key=lambda r: r[f"val_{KAGGLE_F1}"])["epoch"]
             keep_net = build_model(m)
             keep_net.load_state_dict(best_net)
-            save_checkpoint(Segmenter(keep_net, t.scale, m.tta, m.min_island), checkpoint, epoch=best_epoch,
+            save_checkpoint(segmenter(keep_net, t.scale, m), checkpoint, epoch=best_epoch,
                             val_kaggle_f1=best)
         tqdm.write(f"resuming from epoch {resumed['epoch']} of {t.epochs} ({saved.path})")
         for row in history if on_epoch is not None else []:

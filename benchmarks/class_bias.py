@@ -1,0 +1,66 @@
+"""Per-class logit offsets (model.class_bias) chosen and measured by nested cross-validation.
+
+    python benchmarks/accuracy.py --data ../shared/data/medseg --sets default      # saves held-out logits
+    python benchmarks/class_bias.py --cv benchmarks/results/cv/default.json
+
+Reads the held-out logits `covseg cv` saved beside each fold (trained without an offset, or with it taken
+off), chooses offsets for each fold on the other folds only, scores the fold without and with them, and
+chooses the offsets on all folds: that is the value for params.yaml:model.class_bias. Never uses test
+slices. Writes OUT_DIR/class_bias.json and class_bias.md.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from covseg.atomic import atomic_output, write_json
+from covseg.calibration import F1, load_fold_logits, nested_cv
+from covseg.errors import CovsegError
+from covseg.names import DICE, KAGGLE_F1
+
+ROOT = Path(__file__).resolve().parents[1]
+MEASURES = (*DICE, *F1, KAGGLE_F1)
+
+
+def report(result: dict, source: str) -> str:
+    rows = result["per_fold"]
+    lines = [f"# Per-class logit offsets by nested cross-validation ({source})", "",
+             "Each fold is scored with offsets chosen on the other folds only. Offsets are for "
+             "(ground glass, consolidation, lungs other, background).", "",
+             "| fold | offsets chosen on the other folds | " + " | ".join(f"{m} without → with" for m in MEASURES)
+             + " |", "|" + "---|" * (len(MEASURES) + 2)]
+    for r in rows:
+        lines.append(f"| {r['fold']} | {r['class_bias']} | " + " | ".join(
+            f"{r['without'][m]:.3f} → {r['with'][m]:.3f}" for m in MEASURES) + " |")
+    cells = []
+    for m in MEASURES:
+        delta = np.array([r["with"][m] - r["without"][m] for r in rows])
+        cells.append(f"{np.mean([r['without'][m] for r in rows]):.3f} → {np.mean([r['with'][m] for r in rows]):.3f}"
+                     f" (Δ {delta.mean():+.3f} ± {delta.std(ddof=1):.3f}, {int((delta > 0).sum())}/{len(rows)} up)")
+    lines += [f"| mean | | {' | '.join(cells)} |", "",
+              f"Offsets chosen on all folds (params.yaml model.class_bias): {result['class_bias']}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cv", required=True, type=Path, help="the --out of `covseg cv` (its folds' logits beside it)")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    try:
+        result = nested_cv(load_fold_logits(args.cv))
+    except CovsegError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    result |= {"cv": str(args.cv), "seconds": round(time.perf_counter() - start, 1)}
+    write_json(result, args.out_dir / "class_bias.json")
+    with atomic_output(args.out_dir / "class_bias.md") as tmp:
+        tmp.write_text(report(result, args.cv.name))
+    print((args.out_dir / "class_bias.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
