@@ -4,9 +4,9 @@
     python benchmarks/class_bias.py --cv benchmarks/results/cv/default.json
 
 Reads the held-out logits `covseg cv` saved beside each fold (trained without an offset, or with it taken
-off), chooses offsets for each fold on the other folds only, scores the fold without and with them, and
-chooses the offsets on all folds: that is the value for params.yaml:model.class_bias. Never uses test
-slices. Writes OUT_DIR/class_bias.json and class_bias.md.
+off), chooses offsets (of `--classes`) for each fold on the other folds only, scores the fold without and
+with them, and chooses the offsets on all folds: that is the value for params.yaml:model.class_bias.
+Never uses test slices. Writes OUT_DIR/class_bias.<cv name>.<classes>.json and .md.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 from covseg.atomic import atomic_output, write_json
 from covseg.calibration import F1, load_fold_logits, nested_cv
 from covseg.errors import CovsegError
-from covseg.names import DICE, KAGGLE_F1
+from covseg.names import DICE, KAGGLE_F1, SCORED, SHORT
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURES = (*DICE, *F1, KAGGLE_F1)
@@ -40,7 +40,8 @@ def report(result: dict, source: str) -> str:
         delta = np.array([r["with"][m] - r["without"][m] for r in rows])
         cells.append(f"{np.mean([r['without'][m] for r in rows]):.3f} → {np.mean([r['with'][m] for r in rows]):.3f}"
                      f" (Δ {delta.mean():+.3f} ± {delta.std(ddof=1):.3f}, {int((delta > 0).sum())}/{len(rows)} up)")
-    lines += [f"| mean | | {' | '.join(cells)} |", "",
+    spread = [f"{np.mean(w):.3f} ± {np.std(w, ddof=1):.3f}" for w in ([r["with"][m] for r in rows] for m in MEASURES)]
+    lines += [f"| mean | | {' | '.join(cells)} |", f"| with, mean ± std | | {' | '.join(spread)} |", "",
               f"Offsets chosen on all folds (params.yaml model.class_bias): {result['class_bias']}", ""]
     return "\n".join(lines)
 
@@ -48,18 +49,21 @@ def report(result: dict, source: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cv", required=True, type=Path, help="the --out of `covseg cv` (its folds' logits beside it)")
+    parser.add_argument("--classes", nargs="+", choices=[SHORT[c] for c in SCORED], default=[SHORT[c] for c in SCORED],
+                        help="the classes that get an offset (the others keep 0)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     start = time.perf_counter()
     try:
-        result = nested_cv(load_fold_logits(args.cv))
+        result = nested_cv(load_fold_logits(args.cv), classes=[SHORT.index(c) for c in args.classes])
     except CovsegError as exc:
         raise SystemExit(f"error: {exc}") from None
     result |= {"cv": str(args.cv), "seconds": round(time.perf_counter() - start, 1)}
-    write_json(result, args.out_dir / "class_bias.json")
-    with atomic_output(args.out_dir / "class_bias.md") as tmp:
-        tmp.write_text(report(result, args.cv.name))
-    print((args.out_dir / "class_bias.md").read_text())
+    stem = f"class_bias.{args.cv.stem}.{'+'.join(args.classes)}"
+    write_json(result, args.out_dir / f"{stem}.json")
+    with atomic_output(args.out_dir / f"{stem}.md") as tmp:
+        tmp.write_text(report(result, f"{args.cv.name}, offsets for {', '.join(args.classes)}"))
+    print((args.out_dir / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

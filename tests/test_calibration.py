@@ -28,6 +28,7 @@ def test_an_under_called_class_gets_a_positive_offset_that_helps():
     before = calibration.scores(f["logits"], f["labels"], [0.0] * 4)
     after = calibration.scores(f["logits"], f["labels"], bias)
     assert after["dice_ggo"] > before["dice_ggo"] + 0.05
+    assert calibration.choose_bias(f["logits"], f["labels"], classes=(0,))[1:] == [0.0, 0.0, 0.0]
 
 
 def test_no_offset_when_none_does_strictly_better():
@@ -41,9 +42,9 @@ def test_each_fold_is_scored_with_offsets_chosen_without_it(monkeypatch):
     seen = []
     choose = calibration.choose_bias
 
-    def spy(logits, labels, grid=calibration.GRID):
+    def spy(logits, labels, *args):
         seen.append(len(labels))
-        return choose(logits, labels, grid)
+        return choose(logits, labels, *args)
 
     monkeypatch.setattr(calibration, "choose_bias", spy)
     result = calibration.nested_cv(folds, grid=(0.0, 0.5, 1.0, 1.5))

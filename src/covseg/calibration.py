@@ -89,14 +89,14 @@ class Search:
         return float(np.mean(values))
 
 
-def choose_bias(logits: np.ndarray, labels: np.ndarray, grid=GRID) -> list[float]:
-    """The offsets of the scored classes, on `grid`, that maximise `objective` on these slices; zero
-    unless an offset does strictly better, and the smallest offsets among equals."""
+def choose_bias(logits: np.ndarray, labels: np.ndarray, grid=GRID, classes=SCORED) -> list[float]:
+    """The offsets of `classes` (scored classes; the others stay 0), on `grid`, that maximise `objective`
+    on these slices; zero unless an offset does strictly better, and the smallest offsets among equals."""
     search = Search(logits, labels, grid)
     best, best_bias = search.objective([0.0] * NUM_CLASSES), [0.0] * NUM_CLASSES
-    for combo in sorted(itertools.product(grid, repeat=len(SCORED)), key=lambda c: sum(map(abs, c))):
+    for combo in sorted(itertools.product(grid, repeat=len(classes)), key=lambda c: sum(map(abs, c))):
         bias = [0.0] * NUM_CLASSES
-        for c, b in zip(SCORED, combo):
+        for c, b in zip(classes, combo):
             bias[c] = float(b)
         value = search.objective(bias)
         if value > best:
@@ -104,17 +104,18 @@ def choose_bias(logits: np.ndarray, labels: np.ndarray, grid=GRID) -> list[float
     return best_bias
 
 
-def nested_cv(folds: dict[int, dict[str, np.ndarray]], grid=GRID) -> dict:
-    """For each fold: offsets chosen on the other folds, its scores without and with them; and the
-    offsets chosen on all folds (what params.yaml should hold)."""
+def nested_cv(folds: dict[int, dict[str, np.ndarray]], grid=GRID, classes=SCORED) -> dict:
+    """For each fold: offsets of `classes` chosen on the other folds, its scores without and with them;
+    and the offsets chosen on all folds (what params.yaml should hold)."""
     def pooled(keys):
         return (np.concatenate([folds[k]["logits"] for k in keys]),
                 np.concatenate([folds[k]["labels"] for k in keys]))
 
     per_fold = []
     for k in sorted(folds):
-        bias = choose_bias(*pooled([j for j in folds if j != k]), grid)
+        bias = choose_bias(*pooled([j for j in folds if j != k]), grid, classes)
         before = scores(folds[k]["logits"], folds[k]["labels"], [0.0] * NUM_CLASSES)
         after = scores(folds[k]["logits"], folds[k]["labels"], bias)
         per_fold.append({"fold": k, "class_bias": bias, "without": before, "with": after})
-    return {"per_fold": per_fold, "class_bias": choose_bias(*pooled(list(folds)), grid), "grid": list(grid)}
+    return {"per_fold": per_fold, "class_bias": choose_bias(*pooled(list(folds)), grid, classes),
+            "grid": [float(g) for g in grid], "classes": [SHORT[c] for c in classes]}
