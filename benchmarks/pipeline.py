@@ -23,7 +23,7 @@ import yaml
 from covseg import shell
 from covseg.atomic import atomic_output, write_json
 from covseg.names import HEADLINE_METRICS, PATHS, STAGES
-from covseg.params import apply_overrides, read_tree
+from covseg.params import apply_overrides, parse_overrides, read_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +45,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="covseg-bench-")) / "repo"
     try:
         shell.run(["git", "clone", "-q", str(ROOT), str(work)], ROOT)
-        overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
-        tree, _ = apply_overrides(read_tree(work / PATHS.params), overrides, "-S")
+        tree, _ = apply_overrides(read_tree(work / PATHS.params), parse_overrides(args.set), "-S")
         (work / PATHS.params).write_text(yaml.safe_dump(tree, sort_keys=False))
         t = time.time()
         shell.run(["covseg", "data", "import", str(Path(args.data).resolve())], work)

@@ -70,3 +70,19 @@ def test_the_fast_search_scores_as_the_evaluation_does():
     for bias in ([0.0] * 4, [1.0, -0.5, 0.0, 0.0], [-1.0, 2.0, 0.0, 0.0], [2.0, 2.0, 0.0, 0.0]):
         assert search.objective(bias) == pytest.approx(
             calibration.objective(calibration.scores(f["logits"], f["labels"], bias)), abs=1e-9)
+
+
+def test_the_fast_search_breaks_ties_as_argmax_does():
+    f = fold(3, 3, ggo_shift=0.0)
+    f["logits"] = np.round(f["logits"].astype(np.float32) * 4) / 4  # many exact ties on a 0.25 grid
+    search = calibration.Search(f["logits"], f["labels"])
+    for bias in ([0.25, 0.0, 0.0, 0.0], [0.0, 0.25, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [-0.25, 0.0, 0.0, 0.0]):
+        assert search.objective(bias) == pytest.approx(
+            calibration.objective(calibration.scores(f["logits"], f["labels"], bias)), abs=1e-9)
+
+
+def test_logits_of_different_recipes_are_not_mixed(tmp_path):
+    for k, recipe in ((0, "aaa"), (1, "bbb")):
+        np.savez_compressed(tmp_path / f"default.fold{k}.logits.npz", **fold(k, 2, 0.0), recipe=recipe)
+    with pytest.raises(CovsegError, match="different recipes"):
+        calibration.load_fold_logits(tmp_path / "default.json")

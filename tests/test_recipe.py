@@ -204,16 +204,22 @@ def test_cross_validation_reports_mean_and_spread_and_resumes(params, tiny_raw, 
     from covseg import crossval
 
     p = params.override({**TINY_TRAIN, "split.folds": 3, "train.epochs": 1, "model.tta": True,
-                         "model.min_island": 5})
+                         "model.min_island": 5, "model.class_bias": [0.5, -0.25, 0.0, 0.0]})
     out = tmp_path / "cv" / "tiny.json"
+    seen, predict_logits = [], crossval.predict_logits
+    monkeypatch.setattr(crossval, "predict_logits", lambda *a: seen.append(predict_logits(*a)) or seen[-1])
     summary = crossval.cross_validate(tiny_raw, p, out, folds=[0, 2], name="tiny")
     assert summary["folds"] == 2 and summary["folds_run"] == [0, 2]
     f1 = [f["kaggle_f1"] for f in summary["per_fold"]]
     assert summary["kaggle_f1_mean"] == pytest.approx(np.mean(f1))
     assert summary["kaggle_f1_std"] == pytest.approx(np.std(f1, ddof=1))
     assert "without_tta.kaggle_f1_mean" in summary and "without_min_island.dice_ggo_mean" in summary
+    assert "without_class_bias.kaggle_f1_mean" in summary
     saved = np.load(tmp_path / "cv" / "tiny.fold0.logits.npz")  # held-out logits, as trained: no bias
     assert saved["logits"].shape == (len(saved["ids"]), 4, *saved["labels"].shape[1:])
+    assert str(saved["recipe"]) == summary["recipe"]
+    np.testing.assert_allclose(saved["logits"], seen[0] - np.array([0.5, -0.25, 0, 0])[:, None, None],
+                               atol=0.02)  # the model's logits less its offsets
     per_slice = json.loads((tmp_path / "cv" / "tiny.fold0.json").read_text())["per_slice"]
     assert len(per_slice["slice_id"]) == sum(f["val_slices"] for f in summary["per_fold"][:1])
 

@@ -3,7 +3,8 @@
 A U-Net trained with class weights calls some classes too rarely or too often; a constant added to a
 class's logits moves every decision boundary of that class at once. The offsets are chosen on the
 held-out logits that `covseg cv` saves beside each fold (`<name>.fold<k>.logits.npz`), never on test
-slices, and measured honestly: the offset scored on fold k is chosen on the other folds only.
+slices, and measured honestly: the offset scored on fold k is chosen on the other folds only. The labels
+are a plain argmax: island removal (model.min_island) is not part of the choice.
 """
 from __future__ import annotations
 
@@ -23,17 +24,22 @@ F1 = tuple(f"f1_{SHORT[c]}" for c in SCORED)
 
 
 def load_fold_logits(cv_out: str | Path) -> dict[int, dict[str, np.ndarray]]:
-    """{fold: {'logits', 'labels', 'ids'}} of the folds `covseg cv --out cv_out` saved logits for."""
+    """{fold: {'logits', 'labels', 'ids'}} of the folds `covseg cv --out cv_out` saved logits for; they
+    must all come from the same recipe (params and data)."""
     cv_out = Path(cv_out)
     files = sorted(cv_out.parent.glob(f"{cv_out.stem}.fold*.logits.npz"))
     if len(files) < 2:
         raise CovsegError(f"{cv_out.parent}: {len(files)} {cv_out.stem}.fold<k>.logits.npz file(s); nested "
                           "cross-validation needs two or more (run `covseg cv` again without the fold's "
                           ".json to save them)")
-    folds = {}
+    folds, recipes = {}, {}
     for f in files:
         with np.load(f) as z:
             folds[int(f.name.split(".fold")[1].split(".")[0])] = {k: z[k] for k in ("logits", "labels", "ids")}
+            recipes[f.name] = str(z["recipe"]) if "recipe" in z else "unknown"
+    if len(set(recipes.values())) > 1:
+        raise CovsegError(f"{cv_out.parent}: the saved logits come from different recipes ({recipes}); run "
+                          "`covseg cv` again for the folds of the recipe to calibrate")
     return folds
 
 
@@ -64,6 +70,7 @@ class Search:
     def __init__(self, logits: np.ndarray, labels: np.ndarray, grid=GRID):
         if SCORED != (0, 1):
             raise NotImplementedError("the margins below assume the scored classes are 0 and 1")
+        self.top = max(grid)
         lg = torch.from_numpy(logits).float()
         other = lg[:, 2:].amax(1)
         margins = (lg[:, :2] - other[:, None]).permute(0, 2, 3, 1)  # (N, H, W, 2)
@@ -76,6 +83,8 @@ class Search:
         self.support = np.stack([(np.asarray(labels) == c).sum((1, 2)) for c in SCORED], 1)
 
     def objective(self, bias) -> float:
+        if max(bias[:2]) > self.top or any(bias[2:]):
+            raise ValueError(f"offsets {bias}: only scored classes, at most {self.top} (the grid's largest)")
         g, k = self.margins[:, 0] + bias[0], self.margins[:, 1] + bias[1]
         calls = [(g >= k) & (g >= 0), (k > g) & (k >= 0)]
         values = []
@@ -83,7 +92,7 @@ class Search:
             tp = np.bincount(self.slice_of[found & self.truth[i]], minlength=self.n)
             called = np.bincount(self.slice_of[found], minlength=self.n)
             has = self.support[:, i] > 0
-            values.append(float(np.mean(2 * tp[has] / (self.support[has, i] + called[has]))) if has.any() else 0.0)
+            values.append(float(np.mean(2 * tp[has] / (self.support[has, i] + called[has]))) if has.any() else np.nan)
             total = self.support[:, i].sum() + called.sum()
             values.append(2 * tp.sum() / total if total else 1.0)
         return float(np.mean(values))
@@ -92,6 +101,8 @@ class Search:
 def choose_bias(logits: np.ndarray, labels: np.ndarray, grid=GRID, classes=SCORED) -> list[float]:
     """The offsets of `classes` (scored classes; the others stay 0), on `grid`, that maximise `objective`
     on these slices; zero unless an offset does strictly better, and the smallest offsets among equals."""
+    if not set(classes) <= set(SCORED):
+        raise ValueError(f"offsets are chosen for scored classes only ({SCORED}), not {classes}")
     search = Search(logits, labels, grid)
     best, best_bias = search.objective([0.0] * NUM_CLASSES), [0.0] * NUM_CLASSES
     for combo in sorted(itertools.product(grid, repeat=len(classes)), key=lambda c: sum(map(abs, c))):

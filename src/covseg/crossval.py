@@ -40,6 +40,8 @@ def recipe_key(params: Params, data: str) -> str:
     tree = {k: v for k, v in params.tree().items() if k in ("seed", "window", "split", "model", "train")}
     tree["train"] = {k: v for k, v in tree["train"].items() if k not in ("device", "amp")}
     tree["split"] = {"folds": tree["split"]["folds"]}
+    if not any(tree["model"]["class_bias"]):  # no offsets: the key of the results made before they existed
+        tree["model"] = {k: v for k, v in tree["model"].items() if k != "class_bias"}
     return hashlib.sha256(json.dumps([tree, data], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -48,10 +50,10 @@ def _scores(labels: np.ndarray, preds: np.ndarray) -> dict:
 
 
 def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndarray, fold: int,
-             params: Params, logits_out: Path | None = None) -> tuple[dict, pd.DataFrame]:
+             params: Params, logits_out: Path | None = None, recipe: str = "") -> tuple[dict, pd.DataFrame]:
     """Train on every fold but `fold`, score `fold`: (metrics, per-slice table of the held-out slices).
     With `logits_out`, the held-out slices' logits (float16, without model.class_bias), labels and ids
-    are saved there (.npz), so the bias can be chosen by nested cross-validation without training."""
+    are saved there (.npz, with `recipe`), so the bias can be chosen by nested cross-validation."""
     tr, va = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,11 +63,11 @@ def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndar
     device = pick_device(params.train.device)
     model = model.to(device)
     logits = predict_logits(model, images[va], params.evaluate.batch_size, device)
+    raw = logits - np.asarray(model.class_bias, dtype=np.float32)[:, None, None]  # as trained
     if logits_out is not None:
         with atomic_output(logits_out) as tmp, open(tmp, "wb") as f:
-            raw = logits - np.asarray(model.class_bias, dtype=np.float32)[:, None, None]  # as trained
             np.savez_compressed(f, logits=raw.astype(np.float16), labels=labels[va],
-                                ids=np.asarray([ids[i] for i in va]))
+                                ids=np.asarray([ids[i] for i in va]), recipe=recipe)
     preds = model.postprocess(torch.from_numpy(logits)).numpy()
     metrics = {**_scores(labels[va], preds), "fold": fold, "train_slices": len(tr), "val_slices": len(va),
                "epoch": int(ckpt["epoch"]), "seconds": round(time.perf_counter() - start, 1),
@@ -77,7 +79,9 @@ def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndar
         if all(getattr(model, k) != v for k, v in off.items()):
             variant = copy.copy(model)
             variant.__dict__.update(off)
-            scores = _scores(labels[va], predict_labels(variant, images[va], params.evaluate.batch_size, device))
+            preds_without = (variant.postprocess(torch.from_numpy(raw)).numpy() if lever == "class_bias" else
+                             predict_labels(variant, images[va], params.evaluate.batch_size, device))
+            scores = _scores(labels[va], preds_without)
             metrics.update({f"without_{lever}.{k}": v for k, v in scores.items() if k in CV_METRICS})
     table = per_slice_table(labels[va], preds, [ids[i] for i in va]).assign(fold=fold)
     return metrics, table
@@ -120,7 +124,7 @@ def cross_validate(raw: str | Path, params: Params, out: str | Path, folds: Sequ
         done = json.loads(fold_file.read_text()) if fold_file.is_file() else {}
         if done.get("recipe") != key:
             metrics, table = run_fold(images, labels, data.train_ids, fold_of, fold, params,
-                                      fold_file.with_suffix(".logits.npz"))
+                                      fold_file.with_suffix(".logits.npz"), key)
             done = {"recipe": key, "metrics": metrics, "per_slice": table.to_dict(orient="list")}
             write_json(done, fold_file)
         print(f"fold {fold}: " + "  ".join(f"{m} {done['metrics'][m]:.4f}" for m in CV_METRICS)

@@ -246,7 +246,8 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
             logits = torch.from_numpy(predict_logits(model, val_images, t.batch_size, device))
             preds = model.postprocess(logits).numpy()
             metrics = summary_metrics(confusion_matrix(val_labels, preds))
-            row.update(val_loss=float(loss_fn(logits.to(device), val_target.to(device))),
+            unbiased = logits - torch.tensor(model.class_bias)[:, None, None]  # the loss of the network as trained
+            row.update(val_loss=float(loss_fn(unbiased.to(device), val_target.to(device))),
                        **{f"val_f1_{c}": metrics[f"f1_{c}"] for c in SHORT},
                        **{f"val_{k}": v for k, v in dice_metrics(val_labels, preds).items()},
                        **{f"val_{KAGGLE_F1}": metrics[KAGGLE_F1]})
