@@ -11,7 +11,7 @@ already in OUT_DIR/cv/ for the same params and data are not run again. With `--d
 running after S seconds are stopped and the summary covers the folds that finished. Writes
 OUT_DIR/accuracy.json and accuracy.md (mean +- std over folds per measure, and what the inference-time
 levers add). With `--run-only` the folds are run and nothing is summarised (a later call, which finds
-them done, does that).
+them done, does that). A fold counts as done only if its JSON is of the same params and data.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from covseg.atomic import atomic_output, write_json
-from covseg.crossval import CV_METRICS
+from covseg.crossval import CV_METRICS, recipe_key
+from covseg.data import fingerprint
 from covseg.params import load_params, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,15 +55,28 @@ def cv_command(data: str, spec: str, folds: list[int], out_dir: Path) -> list[st
             *[arg for o in overrides for arg in ("-S", o)]]
 
 
-def finished_folds(out_dir: Path, name: str, folds: int) -> list[int]:
-    return [k for k in range(folds) if (out_dir / "cv" / f"{name}.fold{k}.json").is_file()]
+def spec_params(params, spec: str):
+    """The params a spec's folds run with."""
+    _, base, overrides = parse_spec(spec)
+    return params.with_set(None if base == "default" else base).override(parse_overrides(overrides), "-S")
+
+
+def recipe_of(data: str, spec: str) -> str:
+    """The recipe key `covseg cv` records in the folds of this spec on `data`."""
+    return recipe_key(spec_params(load_params(ROOT / "params.yaml"), spec), fingerprint(data))
+
+
+def finished_folds(out_dir: Path, name: str, folds: int, recipe: str) -> list[int]:
+    """The folds whose JSON holds results of `recipe` (a fold of other params or data is not done)."""
+    def done(path: Path) -> bool:
+        return path.is_file() and json.loads(path.read_text()).get("recipe") == recipe
+
+    return [k for k in range(folds) if done(out_dir / "cv" / f"{name}.fold{k}.json")]
 
 
 def work(params, spec: str) -> float:
     """Rough cost of one fold of a set (epochs x pixels x channels^2), to start the longest first."""
-    _, base, overrides = parse_spec(spec)
-    p = params.with_set(None if base == "default" else base)
-    p = p.override(parse_overrides(overrides), "-S")
+    p = spec_params(params, spec)
     t = p.train
     side = (t.crop or 512 * t.scale) ** 2 * (t.crops_per_slice if t.crop else 1)
     return t.epochs * side * p.model.base_channels ** 2
@@ -72,8 +86,9 @@ def run_all(data: str, specs: list[str], folds: int, jobs: int, out_dir: Path, d
     """Every (set, fold) not yet done, `jobs` processes at a time, longest first; stop at the deadline.
     A fold that fails does not stop the others; the call fails at the end, naming them."""
     params = load_params(ROOT / "params.yaml")
-    queue = sorted(((spec, k) for spec in specs for k in range(folds)
-                    if k not in finished_folds(out_dir, parse_spec(spec)[0], folds)),
+    queue = sorted(((spec, k) for spec in specs
+                    for k in sorted(set(range(folds)) - set(finished_folds(out_dir, parse_spec(spec)[0], folds,
+                                                                           recipe_of(data, spec))))),
                    key=lambda job: -work(params, job[0]))
     env = {**os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if jobs > 1 else {})}
     logs = out_dir / "logs"
@@ -111,7 +126,7 @@ def run_all(data: str, specs: list[str], folds: int, jobs: int, out_dir: Path, d
 def summarise(data: str, spec: str, folds: int, out_dir: Path) -> dict | None:
     """The summary over the folds that finished (no fold is run here: their params and data must match)."""
     name = parse_spec(spec)[0]
-    done = finished_folds(out_dir, name, folds)
+    done = finished_folds(out_dir, name, folds, recipe_of(data, spec))
     if not done:
         return None
     subprocess.run(cv_command(data, spec, done, out_dir), check=True, stdout=subprocess.DEVNULL)

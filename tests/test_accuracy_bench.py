@@ -1,5 +1,6 @@
 """benchmarks/accuracy.py's fold pool: set specs, longest first, a failed fold that stops nothing else,
 and a deadline that stops what still runs (stand-in commands instead of trainings)."""
+import json
 import sys
 import time
 
@@ -19,6 +20,10 @@ def test_a_spec_is_a_set_with_overrides():
     assert cmd[cmd.index("--folds") + 1] == "3" and cmd[cmd.index("--out") + 1].endswith("w.json")
 
 
+def done(out_dir, spec: str, folds: int) -> list[int]:
+    return accuracy.finished_folds(out_dir, accuracy.parse_spec(spec)[0], folds, accuracy.recipe_of("raw", spec))
+
+
 def fake_folds(monkeypatch, tmp_path, behaviour: dict[str, str]):
     """Each (set, fold) runs a stand-in: 'ok' writes its fold file, 'fail' exits 1, 'hang' sleeps."""
     started = []
@@ -27,7 +32,8 @@ def fake_folds(monkeypatch, tmp_path, behaviour: dict[str, str]):
         name = accuracy.parse_spec(spec)[0]
         started.append((name, folds[0]))
         fold_file = out_dir / "cv" / f"{name}.fold{folds[0]}.json"
-        code = {"ok": f"import pathlib; pathlib.Path({str(fold_file)!r}).write_text('{{}}')",
+        done = json.dumps({"recipe": accuracy.recipe_of(data, spec)})
+        code = {"ok": f"import pathlib; pathlib.Path({str(fold_file)!r}).write_text({done!r})",
                 "fail": "raise SystemExit(1)", "hang": "import time; time.sleep(60)"}[behaviour[name]]
         return [sys.executable, "-c", code]
 
@@ -41,16 +47,17 @@ def test_longest_recipe_first_and_a_failed_fold_stops_nothing_else(monkeypatch, 
     with pytest.raises(SystemExit, match=r"bad fold \d"):  # the largest recipe, so it fails first
         accuracy.run_all("raw", ["default", "bad=seed+train.epochs=500", "seed"], 2, 2, tmp_path, None)
     assert [name for name, _ in started] == ["bad", "bad", "seed", "seed", "default", "default"], "longest first"
-    assert accuracy.finished_folds(tmp_path, "seed", 2) == [0, 1], "the sets after the failure still ran"
-    assert accuracy.finished_folds(tmp_path, "default", 2) == [0, 1]
+    assert done(tmp_path, "seed", 2) == [0, 1], "the sets after the failure still ran"
+    assert done(tmp_path, "default", 2) == [0, 1]
 
 
 def test_the_deadline_stops_running_folds_and_finished_folds_are_not_run_again(monkeypatch, tmp_path):
     (tmp_path / "cv").mkdir()
-    (tmp_path / "cv" / "default.fold0.json").write_text("{}")
+    (tmp_path / "cv" / "default.fold0.json").write_text(json.dumps({"recipe": accuracy.recipe_of("raw", "default")}))
+    (tmp_path / "cv" / "default.fold1.json").write_text(json.dumps({"recipe": "of other params"}))
     started = fake_folds(monkeypatch, tmp_path, {"default": "hang"})
     begin = time.monotonic()
     accuracy.run_all("raw", ["default"], 3, 2, tmp_path, deadline=2)
     assert time.monotonic() - begin < 30, "hanging folds were stopped at the deadline"
-    assert started == [("default", 1), ("default", 2)]
-    assert accuracy.finished_folds(tmp_path, "default", 3) == [0]
+    assert started == [("default", 1), ("default", 2)], "fold 0 is done; fold 1 holds another recipe's results"
+    assert done(tmp_path, "default", 3) == [0]
