@@ -42,7 +42,8 @@ def report(result: dict, source: str) -> str:
                      f" (Δ {delta.mean():+.3f} ± {delta.std(ddof=1):.3f}, {int((delta > 0).sum())}/{len(rows)} up)")
     spread = [f"{np.mean(w):.3f} ± {np.std(w, ddof=1):.3f}" for w in ([r["with"][m] for r in rows] for m in MEASURES)]
     lines += [f"| mean | | {' | '.join(cells)} |", f"| with, mean ± std | | {' | '.join(spread)} |", "",
-              f"Offsets chosen on all folds (params.yaml model.class_bias): {result['class_bias']}", ""]
+              f"Offsets chosen on all folds (the value for params.yaml model.class_bias, if adopted): "
+              f"{result['class_bias']}", ""]
     return "\n".join(lines)
 
 
