@@ -1,4 +1,4 @@
-"""Per-class logit offsets (params.yaml: model.class_bias) chosen by nested cross-validation.
+"""Per-class logit offsets (params.yaml: model.class_bias), chosen by cross-validation and measured by nested CV.
 
 A U-Net trained with class weights calls some classes too rarely or too often; a constant added to a
 class's logits moves every decision boundary of that class at once. The offsets are chosen on the
