@@ -86,10 +86,12 @@ def run_all(data: str, specs: list[str], folds: int, jobs: int, out_dir: Path, d
     """Every (set, fold) not yet done, `jobs` processes at a time, longest first; stop at the deadline.
     A fold that fails does not stop the others; the call fails at the end, naming them."""
     params = load_params(ROOT / "params.yaml")
-    queue = sorted(((spec, k) for spec in specs
-                    for k in sorted(set(range(folds)) - set(finished_folds(out_dir, parse_spec(spec)[0], folds,
-                                                                           recipe_of(data, spec))))),
-                   key=lambda job: -work(params, job[0]))
+
+    def pending(spec: str) -> list[int]:
+        done = finished_folds(out_dir, parse_spec(spec)[0], folds, recipe_of(data, spec))
+        return [k for k in range(folds) if k not in done]
+
+    queue = sorted(((spec, k) for spec in specs for k in pending(spec)), key=lambda job: -work(params, job[0]))
     env = {**os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if jobs > 1 else {})}
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)

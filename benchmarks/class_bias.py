@@ -1,7 +1,8 @@
-"""Per-class logit offsets (model.class_bias) chosen and measured by nested cross-validation.
+"""Per-class logit offsets (model.class_bias): chosen by cross-validation, measured by nested cross-validation.
 
-    python benchmarks/accuracy.py --data ../shared/data/medseg --sets default      # saves held-out logits
-    python benchmarks/class_bias.py --cv benchmarks/results/cv/default.json
+    python benchmarks/accuracy.py --data DATA --sets "default_nobias=default+model.class_bias=[0,0,0,0]"
+    # (that saves the held-out logits of folds not yet run)
+    python benchmarks/class_bias.py --cv benchmarks/results/cv/default_nobias.json --classes ggo
 
 Reads the held-out logits `covseg cv` saved beside each fold (trained without an offset, or with it taken
 off), chooses offsets (of `--classes`) for each fold on the other folds only, scores the fold without and

@@ -99,7 +99,7 @@ def test_flip_tta_makes_the_model_mirror_symmetric(tmp_path):
     assert (loaded.scale, loaded.tta, loaded.min_island, loaded.class_bias) == (0.5, True, 7, [1, -2, 0, 0])
 
 
-def test_class_bias_is_added_to_the_logits_every_consumer_sees():
+def test_class_bias_is_added_to_the_models_logits():
     torch.manual_seed(0)
     x = torch.rand(2, 1, 16, 16)
     plain = Segmenter(UNet(base_channels=2, depth=1)).eval()

@@ -78,7 +78,7 @@ class Segmenter(nn.Module):
     resizes on the way in and out, so every consumer (evaluate, submit, the registry) sees full size.
     With `tta` the logits are the mean over the slice and its left-right mirror. `postprocess` turns
     logits into labels, dropping findings smaller than `min_island` pixels (model.min_island).
-    `class_bias` is added to each class's logits (model.class_bias, chosen by nested cross-validation):
+    `class_bias` is added to each class's logits (model.class_bias, chosen by cross-validation):
     a class the training's weights make too rare or too common is called more or less often.
     """
 
