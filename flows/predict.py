@@ -32,6 +32,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from covseg.errors import CovsegError, DataError
+from covseg.model import is_model_uri
 from covseg.names import CHAMPION, PATHS, PREDICT_REPORT_JSON, PREDICT_REPORT_SLICES
 from covseg.params import load_params
 from covseg.predict import predict_scans, write_report
@@ -113,7 +114,7 @@ def predict_chunk_run(sources: list[dict], out: str, model: str, params_path: st
 
 def _absolute(spec: str) -> str:
     """A checkpoint path made absolute (workers run in another folder); a model URI as it is."""
-    return spec if ":/" in spec else str(Path(spec).resolve())
+    return spec if is_model_uri(spec) else str(Path(spec).resolve())
 
 
 @flow(name="predict", log_prints=True)

@@ -146,10 +146,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model.to(device).eval(), ckpt
 
 
+def is_model_uri(spec: str | Path) -> bool:
+    """An MLflow model URI (models:/covseg-unet@champion, runs:/...), not a checkpoint path."""
+    return ":/" in str(spec)
+
+
 def load_model(spec: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """A checkpoint path, or an MLflow model URI (models:/covseg-unet@champion, runs:/...):
     the model on `device` in eval mode and the checkpoint's facts ({} for a URI)."""
-    if ":/" in str(spec):
+    if is_model_uri(spec):
         from covseg import tracking
 
         return tracking.load_model(str(spec), device), {}

@@ -29,6 +29,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
+def greater_than(section: str, low: str):
+    """A field validator: the value must exceed the section's field `low` (declared before it)."""
+
+    def check(cls, value: float, info: ValidationInfo) -> float:
+        if low in info.data and value <= info.data[low]:
+            raise ValueError(f"must be greater than {section}.{low} ({info.data[low]})")
+        return value
+
+    return check
+
+
 class Synth(Section):
     n_labelled: int = Field(ge=2)
     n_test: int = Field(ge=1)
@@ -40,12 +51,7 @@ class Window(Section):
     hu_min: float
     hu_max: float
 
-    @field_validator("hu_max")
-    @classmethod
-    def _not_empty(cls, value: float, info: ValidationInfo) -> float:
-        if "hu_min" in info.data and value <= info.data["hu_min"]:
-            raise ValueError(f"must be greater than window.hu_min ({info.data['hu_min']})")
-        return value
+    _not_empty = field_validator("hu_max")(greater_than("window", "hu_min"))
 
 
 class Split(Section):
@@ -93,6 +99,8 @@ class Train(Section):
     scale: float = Field(gt=0, le=1)
     select: Literal["last", "best"]
     val_every: int = Field(ge=1)
+    pseudo_epochs: int = Field(ge=0)
+    pseudo_confidence: float = Field(ge=0, lt=1)
     init: str
     device: str
     amp: bool
@@ -169,12 +177,7 @@ class Predict(Section):
     def _device(cls, value: str) -> str:
         return check_device(value)
 
-    @field_validator("png_hu_max")
-    @classmethod
-    def _png_window(cls, value: float, info: ValidationInfo) -> float:
-        if "png_hu_min" in info.data and value <= info.data["png_hu_min"]:
-            raise ValueError(f"must be greater than predict.png_hu_min ({info.data['png_hu_min']})")
-        return value
+    _png_window = field_validator("png_hu_max")(greater_than("predict", "png_hu_min"))
 
     @field_validator("severity_thresholds")
     @classmethod
