@@ -21,6 +21,8 @@ def test_project_params_are_valid(params):
     ("train.epochs", "3", r"train\.epochs = '3' is not allowed: Input should be a valid integer"),
     ("train.epochs", 0, r"train\.epochs = 0 is not allowed: Input should be greater than or equal to 1"),
     ("train.scale", 1.5, r"train\.scale = 1\.5 is not allowed"),
+    ("train.pseudo_confidence", 1.0, r"train\.pseudo_confidence = 1\.0 is not allowed: .*less than 1"),
+    ("train.pseudo_epochs", -1, r"train\.pseudo_epochs = -1 is not allowed"),
     ("model.norm", "layer", r"model\.norm = 'layer' is not allowed"),
     ("window.hu_max", -2000, r"window\.hu_max = -2000 is not allowed: must be greater than window\.hu_min"),
     ("train.device", "cuda; rm -rf /", r"train\.device = 'cuda; rm -rf /' is not allowed"),

@@ -9,10 +9,12 @@ import torch
 from covseg.data import one_hot_to_index, synthesize
 from covseg.errors import CovsegError, ParamsError
 from covseg.evaluation import dice_metrics, per_slice_dice
-from covseg.model import Segmenter, UNet, load_checkpoint, save_checkpoint
+from covseg.model import Segmenter, UNet, load_checkpoint, predict_logits, save_checkpoint
+from covseg.names import IGNORE_LABEL
 from covseg.params import check, read_tree
 from covseg.preprocessing import window
-from covseg.training import augmentation, make_optimizer, train
+from covseg.training import _loader as make_loader
+from covseg.training import augmentation, make_loss, make_optimizer, pseudo_labels, train
 
 TINY_TRAIN = {"model.base_channels": 4, "model.depth": 2, "train.epochs": 3, "train.crop": 32,
               "train.val_every": 2, "train.warmup_epochs": 1}
@@ -81,6 +83,65 @@ def test_warm_start_from_another_network_is_one_clear_error(params, slices, tmp_
     p = params.override({**TINY_TRAIN, "train.init": str(tmp_path / "other.pt")})
     with pytest.raises(CovsegError, match=r"train\.init = .*other\.pt.*does not match params\.yaml:model"):
         train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "m.pt")
+
+
+# ------------------------------------------------------------------------------------------ self-training
+
+
+def test_the_loss_is_monais_dice_ce_and_ignores_unsure_pixels(params):
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 4, 16, 16), torch.randint(0, 4, (2, 16, 16))
+    for loss in ("dice_ce", "ce"):
+        t = params.override({"train.loss": loss}).train
+        fn = make_loss(t, torch.device("cpu"))
+        weight = torch.tensor(t.class_weights)
+        reference = (DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)(logits, target[:, None])
+                     if loss == "dice_ce" else torch.nn.functional.cross_entropy(logits, target, weight=weight))
+        assert fn(logits, target) == pytest.approx(float(reference), rel=1e-6), loss
+        unsure = target.clone()
+        unsure[:, :8] = IGNORE_LABEL
+        other = logits.clone()
+        other[:, :, :8] = torch.randn(2, 4, 8, 16) * 5  # what the model says where the label is unsure
+        assert fn(logits, unsure) == pytest.approx(float(fn(other, unsure)), rel=1e-6), loss
+        assert fn(logits, unsure) != pytest.approx(float(fn(logits, target)), rel=1e-3), loss
+
+
+def test_pseudo_labels_are_the_models_own_where_it_is_confident():
+    torch.manual_seed(0)
+    model = Segmenter(UNet(base_channels=2, depth=1), class_bias=[2.0, 0.0, 0.0, 0.0]).eval()
+    images = np.random.default_rng(0).random((3, 16, 16), dtype=np.float32)
+    logits = torch.from_numpy(predict_logits(model, images))
+    threshold = float(logits.softmax(1).amax(1).median())  # half the pixels sure, half unsure
+    labels = pseudo_labels(model, images, threshold, 2, torch.device("cpu"))
+    confident = logits.softmax(1).amax(1) >= threshold
+    assert torch.equal(labels[confident], logits.argmax(1)[confident].byte()), "the model's labels, bias included"
+    assert (labels[~confident] == IGNORE_LABEL).all()
+
+
+def test_self_training_labels_the_unlabelled_images_and_trains_on_them(params, slices, tmp_path, monkeypatch):
+    from covseg import training
+
+    x, y = slices
+    p = params.override({**TINY_TRAIN, "train.pseudo_epochs": 2, "train.pseudo_confidence": 0.3})
+    labelled, seen_images = [], []
+
+    def spy(model, images, *args):
+        seen_images.append(images)
+        return pseudo_labels(model, images, *args)
+
+    monkeypatch.setattr(training, "pseudo_labels", spy)
+    monkeypatch.setattr(training, "_loader", lambda x_, y_, *a: labelled.append(len(x_)) or make_loader(x_, y_, *a))
+    history = train(p.train, p.model, p.seed, x[:5], y[:5], x[5:6], y[5:6], tmp_path / "m.pt", unlabelled=x[6:])
+    assert history["epoch"].tolist() == [1, 2, 3, 4, 5]
+    assert history.dropna(subset=["val_loss"])["epoch"].tolist() == [2, 3, 4, 5], "the teacher is scored too"
+    assert len(seen_images) == 1 and np.array_equal(seen_images[0], x[6:]), "labelled once, after epoch 3"
+    assert labelled == [5, 7], "then the labelled and the unlabelled slices together"
+    assert history["lr"].iloc[3] > history["lr"].iloc[2], "a second cosine from train.lr"
+    assert load_checkpoint(tmp_path / "m.pt")[1]["epoch"] == 5
+    with pytest.raises(ParamsError, match="train.pseudo_epochs"):
+        train(p.train, p.model, p.seed, x[:5], y[:5], x[5:6], y[5:6], tmp_path / "n.pt")
 
 
 # ------------------------------------------------------------------------------------------ inference
@@ -235,29 +296,60 @@ def test_cross_validation_reports_mean_and_spread_and_resumes(params, tiny_raw, 
         crossval.cross_validate(tiny_raw, p, out, folds=[3])
 
 
+def test_cross_validation_self_trains_on_the_held_out_and_test_images_never_their_labels(params, tiny_raw,
+                                                                                        tmp_path, monkeypatch):
+    from covseg import crossval
+    from covseg.data import load_raw
+
+    p = params.override({**TINY_TRAIN, "split.folds": 3, "train.pseudo_epochs": 1})
+    given = {}
+
+    def spy(t, m, seed, x_train, y_train, x_val, y_val, checkpoint, unlabelled=None):
+        given.update(x_val=x_val, unlabelled=unlabelled)
+        raise Killed
+
+    monkeypatch.setattr(crossval, "train", spy)
+    with pytest.raises(Killed):
+        crossval.cross_validate(tiny_raw, p, tmp_path / "cv.json", folds=[1])
+    raw = load_raw(tiny_raw)
+    test = window(np.asarray(raw.test_images)[..., 0], p.window.hu_min, p.window.hu_max)
+    np.testing.assert_array_equal(given["unlabelled"], np.concatenate([given["x_val"], test]))
+    off = params.override({"train.pseudo_confidence": 0.9})
+    assert crossval.recipe_key(off, "d") == crossval.recipe_key(params, "d"), "off: the committed results' key"
+    assert crossval.recipe_key(p, "d") != crossval.recipe_key(params, "d")
+
+
 class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("select", ["last", "best"])
-def test_a_killed_training_resumes_to_the_same_result(params, slices, tmp_path, select):
-    x, y = slices
-    p = params.override({**TINY_TRAIN, "train.epochs": 4, "train.val_every": 1, "train.select": select})
-    data = (x[:6], y[:6], x[6:], y[6:])
-    whole = train(p.train, p.model, p.seed, *data, tmp_path / "whole.pt", state=tmp_path / "whole.state")
+@pytest.mark.parametrize("select,pseudo_epochs,killed_after", [("last", 0, 2), ("best", 0, 2), ("last", 2, 2),
+                                                                 ("last", 2, 3)])
+def test_a_killed_training_resumes_to_the_same_result(params, slices, tmp_path, monkeypatch, select, pseudo_epochs,
+                                                      killed_after):
+    """Also killed when self-training is about to start, or in it (its labels come from the state)."""
+    from covseg import training
 
-    def kill_after_epoch_2(row):
-        if row["epoch"] == 2:
+    x, y = slices
+    p = params.override({**TINY_TRAIN, "train.epochs": 4 - pseudo_epochs, "train.val_every": 1,
+                         "train.select": select, "train.pseudo_epochs": pseudo_epochs})
+    data = (x[:5], y[:5], x[5:6], y[5:6])
+    more = {"unlabelled": x[6:]}
+    whole = train(p.train, p.model, p.seed, *data, tmp_path / "whole.pt", state=tmp_path / "whole.state", **more)
+
+    def kill(row):
+        if row["epoch"] == killed_after:
             raise Killed
 
     with pytest.raises(Killed):
-        train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=kill_after_epoch_2,
-              state=tmp_path / "m.state")
+        train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=kill, state=tmp_path / "m.state", **more)
     (tmp_path / "m.pt").unlink(missing_ok=True)  # DVC removes a stage's outputs before it runs again
-    seen = []
+    seen, labelled = [], []
+    monkeypatch.setattr(training, "pseudo_labels", lambda *a: labelled.append(1) or pseudo_labels(*a))
     resumed = train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=seen.append,
-                    state=tmp_path / "m.state")
+                    state=tmp_path / "m.state", **more)
     assert [r["epoch"] for r in seen] == [1, 2, 3, 4], "the earlier epochs are reported again (MLflow)"
+    assert len(labelled) == (pseudo_epochs and killed_after <= p.train.epochs), "labels made once, then kept"
     columns = [c for c in whole.columns if c != "seconds"]
     pd_whole, pd_resumed = whole[columns].to_numpy(), resumed[columns].to_numpy()
     assert np.allclose(pd_whole, pd_resumed, atol=1e-6, equal_nan=True)

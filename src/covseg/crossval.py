@@ -40,8 +40,11 @@ def recipe_key(params: Params, data: str) -> str:
     tree = {k: v for k, v in params.tree().items() if k in ("seed", "window", "split", "model", "train")}
     tree["train"] = {k: v for k, v in tree["train"].items() if k not in ("device", "amp")}
     tree["split"] = {"folds": tree["split"]["folds"]}
-    if not any(tree["model"]["class_bias"]):  # no offsets: the key of the results made before they existed
+    # what did not exist yet, when off, leaves the key of the results made before it as it was
+    if not any(tree["model"]["class_bias"]):
         tree["model"] = {k: v for k, v in tree["model"].items() if k != "class_bias"}
+    if not tree["train"]["pseudo_epochs"]:
+        tree["train"] = {k: v for k, v in tree["train"].items() if not k.startswith("pseudo_")}
     return hashlib.sha256(json.dumps([tree, data], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -50,15 +53,19 @@ def _scores(labels: np.ndarray, preds: np.ndarray) -> dict:
 
 
 def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndarray, fold: int,
-             params: Params, logits_out: Path | None = None, recipe: str = "") -> tuple[dict, pd.DataFrame]:
+             params: Params, logits_out: Path | None = None, recipe: str = "",
+             test_images: np.ndarray | None = None) -> tuple[dict, pd.DataFrame]:
     """Train on every fold but `fold`, score `fold`: (metrics, per-slice table of the held-out slices).
+    Self-training (train.pseudo_epochs) labels the held-out images and `test_images` itself, as the
+    pipeline does its validation and test images: their labels are never read.
     With `logits_out`, the held-out slices' logits (float16, without model.class_bias), labels and ids
     are saved there (.npz, with `recipe`), so the bias can be chosen by nested cross-validation."""
     tr, va = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
+    unlabelled = np.concatenate([images[va], *([] if test_images is None else [test_images])])
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         history = train(params.train, params.model, params.seed, images[tr], labels[tr], images[va], labels[va],
-                        Path(tmp) / "model.pt")
+                        Path(tmp) / "model.pt", unlabelled=unlabelled)
         model, ckpt = load_checkpoint(Path(tmp) / "model.pt")
     device = pick_device(params.train.device)
     model = model.to(device)
@@ -111,6 +118,7 @@ def cross_validate(raw: str | Path, params: Params, out: str | Path, folds: Sequ
     validate_raw(data, params.validate_)  # raises ContractError: bad data never reaches training
     labels = one_hot_to_index(np.asarray(data.masks))
     images = window(np.asarray(data.images)[..., 0], params.window.hu_min, params.window.hu_max)
+    test_images = window(np.asarray(data.test_images)[..., 0], params.window.hu_min, params.window.hu_max)
     k = params.split.folds
     folds = list(range(k)) if folds is None else sorted(set(folds))
     if not folds or any(f < 0 or f >= k for f in folds):
@@ -124,7 +132,7 @@ def cross_validate(raw: str | Path, params: Params, out: str | Path, folds: Sequ
         done = json.loads(fold_file.read_text()) if fold_file.is_file() else {}
         if done.get("recipe") != key:
             metrics, table = run_fold(images, labels, data.train_ids, fold_of, fold, params,
-                                      fold_file.with_suffix(".logits.npz"), key)
+                                      fold_file.with_suffix(".logits.npz"), key, test_images)
             done = {"recipe": key, "metrics": metrics, "per_slice": table.to_dict(orient="list")}
             write_json(done, fold_file)
         print(f"fold {fold}: " + "  ".join(f"{m} {done['metrics'][m]:.4f}" for m in CV_METRICS)

@@ -30,10 +30,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from covseg.atomic import atomic_output
-from covseg.errors import CovsegError
+from covseg.errors import CovsegError, ParamsError
 from covseg.evaluation import confusion_matrix, dice_metrics, summary_metrics
-from covseg.model import build_model, pick_device, predict_logits, resize, save_checkpoint, segmenter
-from covseg.names import KAGGLE_F1, NUM_CLASSES, SHORT
+from covseg.model import Segmenter, build_model, pick_device, predict_logits, resize, save_checkpoint, segmenter
+from covseg.names import IGNORE_LABEL, KAGGLE_F1, NUM_CLASSES, SHORT
 from covseg.params import ModelParams, Train
 
 
@@ -76,23 +76,27 @@ def augmentation(t: Train, size: int, seed: int) -> Compose | None:
 
 
 def make_loss(t: Train, device: torch.device) -> Callable:
-    """train.loss: class-weighted cross-entropy (the seed's) or MONAI's Dice + cross-entropy."""
+    """train.loss: class-weighted cross-entropy (the seed's) or Dice + cross-entropy (MONAI's DiceLoss,
+    as in its DiceCELoss). Pixels labelled IGNORE_LABEL (unsure self-training labels) add nothing."""
     weight = torch.tensor(t.class_weights, dtype=torch.float32, device=device)
+    ce = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE_LABEL)
     if t.loss == "dice_ce":
-        from monai.losses import DiceCELoss
+        from monai.losses import DiceLoss
 
-        dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
-        return lambda logits, target: dice_ce(logits, target[:, None])
-    return torch.nn.CrossEntropyLoss(weight=weight)
+        dice = DiceLoss(to_onehot_y=True, softmax=True, weight=weight, ignore_index=IGNORE_LABEL)
+        return lambda logits, target: dice(logits, target[:, None]) + ce(logits, target)
+    return ce
 
 
 def make_optimizer(t: Train, net: torch.nn.Module):
     """Adam or AdamW; the learning rate rises linearly for `t.warmup_epochs` (all of a run that short),
-    then follows a cosine to 0."""
+    then follows a cosine to 0; self-training's `t.pseudo_epochs` start a second cosine from `t.lr`."""
     opt_class = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_class(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
     def factor(epoch: int) -> float:  # epoch counts from 0
+        if epoch >= t.epochs and t.pseudo_epochs:
+            return 0.5 * (1 + math.cos(math.pi * (epoch - t.epochs) / t.pseudo_epochs))
         if epoch < t.warmup_epochs:
             return (epoch + 1) / (t.warmup_epochs + 1)
         return 0.5 * (1 + math.cos(math.pi * (epoch - t.warmup_epochs) / max(1, t.epochs - t.warmup_epochs)))
@@ -142,14 +146,15 @@ def recipe_key(t: Train, m: ModelParams, seed: int, *arrays: np.ndarray) -> str:
 
 class TrainingState:
     """A training's state after each epoch (weights, optimizer, schedule, every random generator, the
-    history, the best weights so far), written atomically to `path`, so a killed run resumes exactly
-    where it stopped. Tensors and plain lists only: loaded with weights_only, nothing is unpickled."""
+    history, the best weights so far, the self-training labels), written atomically to `path`, so a
+    killed run resumes exactly where it stopped. Tensors and plain lists only: loaded with weights_only,
+    nothing is unpickled."""
 
     def __init__(self, path: str | Path | None, key: str):
         self.path, self.key = (Path(path) if path else None), key
 
     def save(self, epoch: int, finished: bool, net, optimizer, scheduler, generator, transform, history, best,
-             best_net) -> None:
+             best_net, pseudo) -> None:
         if self.path is None:
             return
         rngs = [[name, keys.tolist(), pos, gauss, cached]
@@ -158,7 +163,7 @@ class TrainingState:
             torch.save({"recipe": self.key, "epoch": epoch, "finished": finished, "net": net.state_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "torch_rng": torch.get_rng_state(), "loader_rng": generator.get_state(), "numpy_rngs": rngs,
-                        "history": json.dumps(history), "best": best, "best_net": best_net}, tmp)
+                        "history": json.dumps(history), "best": best, "best_net": best_net, "pseudo": pseudo}, tmp)
 
     def load(self) -> dict | None:
         """The state of an unfinished run of the same recipe, or None (start afresh)."""
@@ -178,14 +183,38 @@ class TrainingState:
             rng.set_state((name, np.asarray(keys, dtype=np.uint32), pos, gauss, cached))
 
 
+def pseudo_labels(model: Segmenter, images: np.ndarray, confidence: float, batch_size: int,
+                  device: torch.device) -> torch.Tensor:
+    """Self-training labels of unlabelled `images` (N, H, W): the model's own, post-processed as it
+    predicts, and IGNORE_LABEL where its most likely class has a softmax probability below `confidence`."""
+    logits = torch.from_numpy(predict_logits(model, images, batch_size, device))
+    labels = model.postprocess(logits)
+    labels[logits.softmax(1).amax(1) < confidence] = IGNORE_LABEL
+    return labels
+
+
+def _loader(x: torch.Tensor, y: torch.Tensor, transform: Compose | None, batch_size: int,
+            generator: torch.Generator) -> DataLoader:
+    # torch's DataLoader: MONAI's would re-seed the transforms from the generator
+    dataset = Dataset([{"image": xi, "label": yi} for xi, yi in zip(x, y)], transform)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
+                      generator=generator, collate_fn=list_data_collate)
+
+
 def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_labels: np.ndarray,
           val_images: np.ndarray, val_labels: np.ndarray, checkpoint: str | Path,
-          on_epoch: Callable[[dict], None] | None = None, state: str | Path | None = None) -> pd.DataFrame:
+          on_epoch: Callable[[dict], None] | None = None, state: str | Path | None = None,
+          unlabelled: np.ndarray | None = None) -> pd.DataFrame:
     """Train the U-Net and write `checkpoint`: the last epoch's model (`t.select: last`, a schedule
     fixed in advance, e.g. by cross-validation) or the one of the best validation kaggle_f1
     (`best`). Validation is scored every `t.val_every` epochs and at the last; returns the history.
+    Self-training (`t.pseudo_epochs`): after `t.epochs`, the model labels the `unlabelled` images
+    (pseudo_labels) and trains on them and the labelled slices for `t.pseudo_epochs` more epochs.
     With `state`, the run is saved after every epoch and an unfinished run of the same params and
     data resumes from it (its earlier epochs are passed to `on_epoch` again), to the same result."""
+    if t.pseudo_epochs and (unlabelled is None or not len(unlabelled)):
+        raise ParamsError("train.pseudo_epochs: self-training needs unlabelled images (validation or test "
+                          "slices), and none were given; set it to 0")
     set_seed(seed)
     device = pick_device(t.device)
 
@@ -193,11 +222,8 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
     x = resize(torch.from_numpy(train_images)[:, None].float(), t.scale, "bilinear")
     y = resize(torch.from_numpy(train_labels)[:, None].float(), t.scale, "nearest").to(torch.uint8)
     transform = augmentation(t, min(x.shape[-2:]), seed)
-    dataset = Dataset([{"image": xi, "label": yi} for xi, yi in zip(x, y)], transform)
-    # torch's DataLoader: MONAI's would re-seed the transforms from the generator
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True, drop_last=len(dataset) > t.batch_size,
-                        generator=generator, collate_fn=list_data_collate)
+    loader = _loader(x, y, transform, t.batch_size, generator)
 
     net = build_model(m).to(device)
     if t.init:
@@ -207,27 +233,37 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
     loss_fn = make_loss(t, device)
     val_target = torch.from_numpy(val_labels).long()
 
-    saved = TrainingState(state, recipe_key(t, m, seed, train_images, train_labels, val_images, val_labels))
-    history, best, best_net, first = [], -1.0, None, 1
+    data = (train_images, train_labels, val_images, val_labels, *((unlabelled,) if t.pseudo_epochs else ()))
+    saved = TrainingState(state, recipe_key(t, m, seed, *data))
+    history, best, best_net, pseudo, first = [], -1.0, None, None, 1
     resumed = saved.load()
     if resumed is not None:
         saved.restore(resumed, net, optimizer, scheduler, generator, transform)
         history, best, best_net = json.loads(resumed["history"]), resumed["best"], resumed["best_net"]
-        first = resumed["epoch"] + 1
+        pseudo, first = resumed["pseudo"], resumed["epoch"] + 1
         if best_net is not None:  # the best checkpoint so far, as the killed run had written it
             best_epoch = max((r for r in history if "val_loss" in r), key=lambda r: r[f"val_{KAGGLE_F1}"])["epoch"]
             keep_net = build_model(m)
             keep_net.load_state_dict(best_net)
             save_checkpoint(segmenter(keep_net, t.scale, m), checkpoint, epoch=best_epoch,
                             val_kaggle_f1=best)
-        tqdm.write(f"resuming from epoch {resumed['epoch']} of {t.epochs} ({saved.path})")
+        tqdm.write(f"resuming from epoch {resumed['epoch']} of {t.epochs + t.pseudo_epochs} ({saved.path})")
         for row in history if on_epoch is not None else []:
             on_epoch(row)
-    for epoch in range(first, t.epochs + 1):
+    last = t.epochs + t.pseudo_epochs
+    for epoch in range(first, last + 1):
+        if epoch == max(first, t.epochs + 1):  # self-training from here on (also when resumed in it)
+            if pseudo is None:
+                pseudo = pseudo_labels(model, unlabelled, t.pseudo_confidence, t.batch_size, device)
+                tqdm.write(f"self-training: {len(pseudo)} unlabelled slices labelled by the model, "
+                           f"{(pseudo != IGNORE_LABEL).float().mean():.1%} of their pixels confident")
+            ux = resize(torch.from_numpy(unlabelled)[:, None].float(), t.scale, "bilinear")
+            uy = resize(pseudo[:, None].float(), t.scale, "nearest").to(torch.uint8)
+            loader = _loader(torch.cat([x, ux]), torch.cat([y, uy]), transform, t.batch_size, generator)
         start = time.perf_counter()
         net.train()
         losses = []
-        bar = tqdm(loader, desc=f"epoch {epoch}/{t.epochs}", leave=False, dynamic_ncols=True, disable=None)
+        bar = tqdm(loader, desc=f"epoch {epoch}/{last}", leave=False, dynamic_ncols=True, disable=None)
         for batch in bar:
             # MetaTensors after MONAI transforms, plain tensors without any (the seed: no augmentation)
             xb = convert_to_tensor(batch["image"], track_meta=False).float()
@@ -242,7 +278,7 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"]}
         scheduler.step()
 
-        if epoch % t.val_every == 0 or epoch == t.epochs:
+        if epoch % t.val_every == 0 or epoch in (t.epochs, last):
             logits = torch.from_numpy(predict_logits(model, val_images, t.batch_size, device))
             preds = model.postprocess(logits).numpy()
             metrics = summary_metrics(confusion_matrix(val_labels, preds))
@@ -251,7 +287,7 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
                        **{f"val_f1_{c}": metrics[f"f1_{c}"] for c in SHORT},
                        **{f"val_{k}": v for k, v in dice_metrics(val_labels, preds).items()},
                        **{f"val_{KAGGLE_F1}": metrics[KAGGLE_F1]})
-            keep = metrics[KAGGLE_F1] > best if t.select == "best" else epoch == t.epochs
+            keep = metrics[KAGGLE_F1] > best if t.select == "best" else epoch == last
             if keep:
                 best = metrics[KAGGLE_F1]
                 save_checkpoint(model, checkpoint, epoch=epoch, val_kaggle_f1=best)
@@ -259,7 +295,8 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
                     best_net = {k: v.detach().clone() for k, v in net.state_dict().items()}
         row["seconds"] = time.perf_counter() - start
         history.append(row)
-        saved.save(epoch, epoch == t.epochs, net, optimizer, scheduler, generator, transform, history, best, best_net)
+        saved.save(epoch, epoch == last, net, optimizer, scheduler, generator, transform, history, best, best_net,
+                   pseudo)
         tqdm.write(f"epoch {epoch:3d}  train_loss {row['train_loss']:.4f}"
                    + (f"  val_loss {row['val_loss']:.4f}  val_kaggle_f1 {row[f'val_{KAGGLE_F1}']:.4f}"
                       if "val_loss" in row else "") + f"  ({row['seconds']:.1f}s)")

@@ -1,9 +1,11 @@
-"""Stage `train`: the U-Net on the training fold, best checkpoint by validation kaggle_f1, an MLflow run."""
+"""Stage `train`: the U-Net on the training fold (with self-training, also on the validation and test images,
+labelled by the model itself), its checkpoint and history, an MLflow run."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import mlflow
+import numpy as np
 
 from covseg import tracking
 from covseg.atomic import atomic_output
@@ -25,10 +27,12 @@ def run(data: str | Path, model: str | Path, history: str | Path, seed: int, m: 
     """
     x_train, y_train = load_processed(data, "train")
     x_val, y_val = load_processed(data, "val")
+    # self-training labels the validation and test images itself (their labels are never read)
+    unlabelled = np.concatenate([x_val, load_processed(data, "test")[0]]) if t.pseudo_epochs else None
     with tracking.start_training_run(trk.experiment, logged_params) as mlflow_run:
         with atomic_output(model) as partial, atomic_output(history) as history_tmp:
             table = train(t, m, seed, x_train, y_train, x_val, y_val, partial, on_epoch=tracking.log_epoch,
-                          state=state)
+                          state=state, unlabelled=unlabelled)
             net, ckpt = load_checkpoint(partial)
             model_uri = tracking.log_model(net, x_val.shape[1:])
             save_checkpoint(net, partial, epoch=ckpt["epoch"], val_kaggle_f1=ckpt["val_kaggle_f1"],
