@@ -86,3 +86,20 @@ def test_logits_of_different_recipes_are_not_mixed(tmp_path):
         np.savez_compressed(tmp_path / f"default.fold{k}.logits.npz", **fold(k, 2, 0.0), recipe=recipe)
     with pytest.raises(CovsegError, match="different recipes"):
         calibration.load_fold_logits(tmp_path / "default.json")
+
+
+def test_two_recipes_are_compared_fold_by_fold():
+    import sys
+
+    from projects import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import class_bias
+
+    def result(values):
+        return {"per_fold": [{"fold": f, "with": {m: v for m in class_bias.MEASURES}} for f, v in enumerate(values)]}
+
+    rows = class_bias.against(result([0.5, 0.6, 0.4]), result([0.4, 0.6, 0.5]), "base")
+    assert "| base → this | 0.500 → 0.500 (Δ +0.000 ± 0.100, 1/3 up)" in rows[4]
+    with pytest.raises(CovsegError, match=r"its folds \[0, 1\] are not these \[0, 1, 2\]"):
+        class_bias.against(result([0.5, 0.6, 0.4]), result([0.4, 0.6]), "base")
