@@ -296,12 +296,14 @@ def test_cross_validation_reports_mean_and_spread_and_resumes(params, tiny_raw, 
         crossval.cross_validate(tiny_raw, p, out, folds=[3])
 
 
-def test_cross_validation_self_trains_on_the_held_out_and_test_images_never_their_labels(params, tiny_raw,
-                                                                                        tmp_path, monkeypatch):
+@pytest.mark.parametrize("pool", ["test", "test_and_val"])
+def test_cross_validation_self_trains_on_the_test_images_never_their_labels(params, tiny_raw, tmp_path, monkeypatch,
+                                                                             pool):
+    """... and with test_and_val on the held-out images too, as the pipeline on its validation images."""
     from covseg import crossval
     from covseg.data import load_raw
 
-    p = params.override({**TINY_TRAIN, "split.folds": 3, "train.pseudo_epochs": 1})
+    p = params.override({**TINY_TRAIN, "split.folds": 3, "train.pseudo_epochs": 1, "train.pseudo_images": pool})
     given = {}
 
     def spy(t, m, seed, x_train, y_train, x_val, y_val, checkpoint, unlabelled=None):
@@ -313,10 +315,12 @@ def test_cross_validation_self_trains_on_the_held_out_and_test_images_never_thei
         crossval.cross_validate(tiny_raw, p, tmp_path / "cv.json", folds=[1])
     raw = load_raw(tiny_raw)
     test = window(np.asarray(raw.test_images)[..., 0], p.window.hu_min, p.window.hu_max)
-    np.testing.assert_array_equal(given["unlabelled"], np.concatenate([given["x_val"], test]))
-    off = params.override({"train.pseudo_confidence": 0.9})
+    expected = np.concatenate([given["x_val"], test]) if pool == "test_and_val" else test
+    np.testing.assert_array_equal(given["unlabelled"], expected)
+    off = params.override({"train.pseudo_confidence": 0.9, "train.pseudo_images": "test_and_val"})
     assert crossval.recipe_key(off, "d") == crossval.recipe_key(params, "d"), "off: the committed results' key"
-    assert crossval.recipe_key(p, "d") != crossval.recipe_key(params, "d")
+    other_pool = p.override({"train.pseudo_images": {"test": "test_and_val"}.get(pool, "test")})
+    assert len({crossval.recipe_key(x, "d") for x in (params, p, other_pool)}) == 3
 
 
 class Killed(Exception):

@@ -276,3 +276,26 @@ def test_training_numbers_are_those_of_the_code_before_the_stage_refactor(tiny_a
     assert history["val_loss"].tolist() == pytest.approx([1.2027838230133057, 1.1951385736465454,
                                                           1.1951051950454712], abs=1e-6)
     assert history["val_f1_background"].tolist() == pytest.approx([0.9169274161561852] * 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("pool", ["test", "test_and_val"])
+def test_self_training_stage_labels_the_test_images_and_the_validation_images_only_when_asked(
+        tmp_path, tiny_raw, tiny_params, mlflow_store, monkeypatch, pool):
+    from covseg.preprocessing import load_processed
+
+    monkeypatch.chdir(tmp_path)
+    p = tiny_params.override({"train.pseudo_epochs": 1, "train.pseudo_images": pool})
+    validate.run(tiny_raw, PATHS.validation, p.validate_)
+    preprocess.run(tiny_raw, PATHS.processed, p.window, p.split, p.seed, PATHS.validation)
+    given = {}
+
+    def spy(*args, unlabelled=None, **kwargs):
+        given["unlabelled"] = unlabelled
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(train, "train", spy)
+    with pytest.raises(RuntimeError, match="stop"):
+        train.run(PATHS.processed, PATHS.model, PATHS.history, p.seed, p.model, p.train, p.tracking, p.flat())
+    test, val = load_processed(PATHS.processed, "test")[0], load_processed(PATHS.processed, "val")[0]
+    np.testing.assert_array_equal(given["unlabelled"], np.concatenate([val, test]) if pool == "test_and_val" else test)
+    assert not (tmp_path / PATHS.model).exists()

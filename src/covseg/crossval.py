@@ -45,6 +45,8 @@ def recipe_key(params: Params, data: str) -> str:
         tree["model"] = {k: v for k, v in tree["model"].items() if k != "class_bias"}
     if not tree["train"]["pseudo_epochs"]:
         tree["train"] = {k: v for k, v in tree["train"].items() if not k.startswith("pseudo_")}
+    elif tree["train"]["pseudo_images"] == "test_and_val":  # the first self-training results had no choice
+        del tree["train"]["pseudo_images"]
     return hashlib.sha256(json.dumps([tree, data], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -56,12 +58,15 @@ def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndar
              params: Params, logits_out: Path | None = None, recipe: str = "",
              test_images: np.ndarray | None = None) -> tuple[dict, pd.DataFrame]:
     """Train on every fold but `fold`, score `fold`: (metrics, per-slice table of the held-out slices).
-    Self-training (train.pseudo_epochs) labels the held-out images and `test_images` itself, as the
-    pipeline does its validation and test images: their labels are never read.
+    Self-training (train.pseudo_epochs) labels `test_images` (with train.pseudo_images test_and_val,
+    also the held-out images) itself, as the pipeline does its test (and validation) images.
     With `logits_out`, the held-out slices' logits (float16, without model.class_bias), labels and ids
     are saved there (.npz, with `recipe`), so the bias can be chosen by nested cross-validation."""
     tr, va = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
-    unlabelled = np.concatenate([images[va], *([] if test_images is None else [test_images])])
+    unlabelled = [] if test_images is None else [test_images]
+    if params.train.pseudo_images == "test_and_val":
+        unlabelled.insert(0, images[va])
+    unlabelled = np.concatenate(unlabelled) if unlabelled else None
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         history = train(params.train, params.model, params.seed, images[tr], labels[tr], images[va], labels[va],

@@ -101,6 +101,7 @@ class Train(Section):
     val_every: int = Field(ge=1)
     pseudo_epochs: int = Field(ge=0)
     pseudo_confidence: float = Field(ge=0, lt=1)
+    pseudo_images: Literal["test", "test_and_val"]
     init: str
     device: str
     amp: bool

@@ -1,5 +1,5 @@
-"""Stage `train`: the U-Net on the training fold (with self-training, also on the validation and test images,
-labelled by the model itself), its checkpoint and history, an MLflow run."""
+"""Stage `train`: the U-Net on the training fold (with self-training, also on the test images labelled by the
+model itself), its checkpoint and history, an MLflow run."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +27,12 @@ def run(data: str | Path, model: str | Path, history: str | Path, seed: int, m: 
     """
     x_train, y_train = load_processed(data, "train")
     x_val, y_val = load_processed(data, "val")
-    # self-training labels the validation and test images itself (their labels are never read)
-    unlabelled = np.concatenate([x_val, load_processed(data, "test")[0]]) if t.pseudo_epochs else None
+    # self-training labels the test images (and with test_and_val the validation images) itself
+    unlabelled = None
+    if t.pseudo_epochs:
+        unlabelled = load_processed(data, "test")[0]
+        if t.pseudo_images == "test_and_val":
+            unlabelled = np.concatenate([x_val, unlabelled])
     with tracking.start_training_run(trk.experiment, logged_params) as mlflow_run:
         with atomic_output(model) as partial, atomic_output(history) as history_tmp:
             table = train(t, m, seed, x_train, y_train, x_val, y_val, partial, on_epoch=tracking.log_epoch,
