@@ -222,10 +222,11 @@ def test_lock_waits_for_its_holder_then_gives_up_naming_it(versions, reg):
 
 def test_an_expired_lease_is_taken_over_and_its_holder_cannot_move_the_champion(versions, reg):
     versions(1)
-    stale = registry.PromotionLock(NAME, 0.3, 1, 0.1)
+    # settle_s 1: a registry round trip on a loaded machine stays under settle_s / 2 (the lock's own rule)
+    stale = registry.PromotionLock(NAME, 2.5, 10, 1.0)
     stale.acquire()
-    time.sleep(0.4)  # its lease ran out (a crashed promotion)
-    fresh = registry.PromotionLock(NAME, 60, 5, 0.1)
+    time.sleep(2.6)  # its lease ran out (a crashed promotion)
+    fresh = registry.PromotionLock(NAME, 60, 10, 1.0)
     fresh.acquire()
     with pytest.raises(registry.LockLost):
         stale.confirm()
