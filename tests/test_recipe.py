@@ -382,3 +382,22 @@ def test_a_finished_or_other_training_is_not_resumed(params, slices, tmp_path):
     q = p.override({"train.lr": 0.01})
     train(q.train, q.model, q.seed, *data, tmp_path / "m.pt", on_epoch=seen.append, state=tmp_path / "m.state")
     assert [r["epoch"] for r in seen] == [1, 2], "a state of other params is not resumed"
+
+
+def test_a_training_killed_under_other_code_is_not_resumed(params, slices, tmp_path, monkeypatch):
+    """Resumed across a code change, the history would mix two codes' epochs (it once did: val_loss)."""
+    from covseg import training
+
+    x, y = slices
+    p = params.override({**TINY_TRAIN, "train.epochs": 2})
+    data = (x[:6], y[:6], x[6:], y[6:])
+
+    def kill(row):
+        raise Killed
+
+    with pytest.raises(Killed):
+        train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=kill, state=tmp_path / "m.state")
+    monkeypatch.setattr(training, "code_version", lambda: "edited")
+    seen = []
+    train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=seen.append, state=tmp_path / "m.state")
+    assert [r["epoch"] for r in seen] == [1, 2], "started afresh"

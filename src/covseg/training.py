@@ -136,9 +136,19 @@ def _random_states(transform: Compose | None) -> list[np.random.RandomState]:
     return found
 
 
+def code_version() -> str:
+    """A hash of covseg's source: a training state saved by other code is not resumed (its earlier
+    epochs would be another code's)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def recipe_key(t: Train, m: ModelParams, seed: int, *arrays: np.ndarray) -> str:
-    """What a training's result depends on: params (not the device) and the data."""
-    h = hashlib.sha256(json.dumps([t.model_dump(exclude={"device", "amp"}), m.model_dump(), seed]).encode())
+    """What a training's result depends on: params (not the device), the code and the data."""
+    h = hashlib.sha256(json.dumps([t.model_dump(exclude={"device", "amp"}), m.model_dump(), seed,
+                                   code_version()]).encode())
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
