@@ -299,3 +299,21 @@ def test_self_training_stage_labels_the_test_images_and_the_validation_images_on
     test, val = load_processed(PATHS.processed, "test")[0], load_processed(PATHS.processed, "val")[0]
     np.testing.assert_array_equal(given["unlabelled"], np.concatenate([val, test]) if pool == "test_and_val" else test)
     assert not (tmp_path / PATHS.model).exists()
+
+
+def test_a_model_self_trained_on_the_validation_images_is_never_gated_on_them(tmp_path, tiny_raw, tiny_params,
+                                                                             mlflow_store, monkeypatch):
+    from covseg import registry
+    from covseg.preprocessing import load_split
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / PATHS.dvc_file).write_text("outs:\n- md5: 0123abcd.dir\n  path: data/raw\n")
+    p = tiny_params.override({"train.pseudo_epochs": 1, "train.pseudo_images": "test_and_val"})
+    validate.run(tiny_raw, PATHS.validation, p.validate_)
+    preprocess.run(tiny_raw, PATHS.processed, p.window, p.split, p.seed, PATHS.validation)
+    train.run(PATHS.processed, PATHS.model, PATHS.history, p.seed, p.model, p.train, p.tracking, p.flat())
+    metrics = evaluate.run(PATHS.processed, PATHS.model, PATHS.history, PATHS.validation, PATHS.metrics,
+                           PATHS.evaluation, p.evaluate, p.tracking, p.registry)
+    split = load_split(PATHS.processed)
+    seen = registry.provenance(p.registry.model_name, metrics["model_version"]).train_slice_ids
+    assert seen == {*split["train_slice_ids"], *split["val_slice_ids"]}, "its validation images count as seen"

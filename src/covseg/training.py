@@ -218,8 +218,9 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
     """Train the U-Net and write `checkpoint`: the last epoch's model (`t.select: last`, a schedule
     fixed in advance, e.g. by cross-validation) or the one of the best validation kaggle_f1
     (`best`). Validation is scored every `t.val_every` epochs and at the last; returns the history.
-    Self-training (`t.pseudo_epochs`): after `t.epochs`, the model labels the `unlabelled` images
-    (pseudo_labels) and trains on them and the labelled slices for `t.pseudo_epochs` more epochs.
+    Self-training (`t.pseudo_epochs`): after `t.epochs`, the model as it is then (with `best` too)
+    labels the `unlabelled` images (pseudo_labels) and trains on them and the labelled slices for
+    `t.pseudo_epochs` more epochs.
     With `state`, the run is saved after every epoch and an unfinished run of the same params and
     data resumes from it (its earlier epochs are passed to `on_epoch` again), to the same result."""
     if t.pseudo_epochs and (unlabelled is None or not len(unlabelled)):
@@ -267,8 +268,9 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
                 pseudo = pseudo_labels(model, unlabelled, t.pseudo_confidence, t.batch_size, device)
                 tqdm.write(f"self-training: {len(pseudo)} unlabelled slices labelled by the model, "
                            f"{(pseudo != IGNORE_LABEL).float().mean():.1%} of their pixels confident")
-            ux = resize(torch.from_numpy(unlabelled)[:, None].float(), t.scale, "bilinear")
-            uy = resize(pseudo[:, None].float(), t.scale, "nearest").to(torch.uint8)
+            sure = (pseudo != IGNORE_LABEL).flatten(1).any(1)  # a slice with no sure pixel teaches nothing
+            ux = resize(torch.from_numpy(unlabelled)[sure][:, None].float(), t.scale, "bilinear")
+            uy = resize(pseudo[sure][:, None].float(), t.scale, "nearest").to(torch.uint8)
             loader = _loader(torch.cat([x, ux]), torch.cat([y, uy]), transform, t.batch_size, generator)
         start = time.perf_counter()
         net.train()

@@ -28,11 +28,9 @@ def run(data: str | Path, model: str | Path, history: str | Path, seed: int, m: 
     x_train, y_train = load_processed(data, "train")
     x_val, y_val = load_processed(data, "val")
     # self-training labels the test images (and with test_and_val the validation images) itself
-    unlabelled = None
+    x_test, unlabelled = load_processed(data, "test")[0], None
     if t.pseudo_epochs:
-        unlabelled = load_processed(data, "test")[0]
-        if t.pseudo_images == "test_and_val":
-            unlabelled = np.concatenate([x_val, unlabelled])
+        unlabelled = np.concatenate([x_val, x_test]) if t.pseudo_images == "test_and_val" else x_test
     with tracking.start_training_run(trk.experiment, logged_params) as mlflow_run:
         with atomic_output(model) as partial, atomic_output(history) as history_tmp:
             table = train(t, m, seed, x_train, y_train, x_val, y_val, partial, on_epoch=tracking.log_epoch,
@@ -40,7 +38,8 @@ def run(data: str | Path, model: str | Path, history: str | Path, seed: int, m: 
             net, ckpt = load_checkpoint(partial)
             model_uri = tracking.log_model(net, x_val.shape[1:])
             save_checkpoint(net, partial, epoch=ckpt["epoch"], val_kaggle_f1=ckpt["val_kaggle_f1"],
-                            mlflow_run_id=mlflow_run.info.run_id, mlflow_model_uri=model_uri)
+                            mlflow_run_id=mlflow_run.info.run_id, mlflow_model_uri=model_uri,
+                            saw_val_images=unlabelled is not None and len(unlabelled) > len(x_test))
             table.to_csv(history_tmp, index=False)
         mlflow.log_artifact(str(history))
         mlflow.set_tag(TAG_BEST_EPOCH, ckpt["epoch"])
