@@ -28,7 +28,7 @@ from covseg.model import load_checkpoint, pick_device, predict_labels, predict_l
 from covseg.names import DICE, KAGGLE_F1
 from covseg.params import Params
 from covseg.preprocessing import assign_folds, window
-from covseg.training import train
+from covseg.training import train, unlabelled_images
 from covseg.validation import validate_raw
 
 # what the summary reports as mean and spread over folds
@@ -55,22 +55,18 @@ def _scores(labels: np.ndarray, preds: np.ndarray) -> dict:
 
 
 def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndarray, fold: int,
-             params: Params, logits_out: Path | None = None, recipe: str = "",
-             test_images: np.ndarray | None = None) -> tuple[dict, pd.DataFrame]:
+             test_images: np.ndarray, params: Params, logits_out: Path | None = None,
+             recipe: str = "") -> tuple[dict, pd.DataFrame]:
     """Train on every fold but `fold`, score `fold`: (metrics, per-slice table of the held-out slices).
     Self-training (train.pseudo_epochs) labels `test_images` (with train.pseudo_images test_and_val,
     also the held-out images) itself, as the pipeline does its test (and validation) images.
     With `logits_out`, the held-out slices' logits (float16, without model.class_bias), labels and ids
     are saved there (.npz, with `recipe`), so the bias can be chosen by nested cross-validation."""
     tr, va = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
-    unlabelled = [] if test_images is None else [test_images]
-    if params.train.pseudo_images == "test_and_val":
-        unlabelled.insert(0, images[va])
-    unlabelled = np.concatenate(unlabelled) if unlabelled else None
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         history = train(params.train, params.model, params.seed, images[tr], labels[tr], images[va], labels[va],
-                        Path(tmp) / "model.pt", unlabelled=unlabelled)
+                        Path(tmp) / "model.pt", unlabelled=unlabelled_images(params.train, images[va], test_images))
         model, ckpt = load_checkpoint(Path(tmp) / "model.pt")
     device = pick_device(params.train.device)
     model = model.to(device)
@@ -136,8 +132,8 @@ def cross_validate(raw: str | Path, params: Params, out: str | Path, folds: Sequ
         fold_file = out.with_name(f"{out.stem}.fold{fold}.json")
         done = json.loads(fold_file.read_text()) if fold_file.is_file() else {}
         if done.get("recipe") != key:
-            metrics, table = run_fold(images, labels, data.train_ids, fold_of, fold, params,
-                                      fold_file.with_suffix(".logits.npz"), key, test_images)
+            metrics, table = run_fold(images, labels, data.train_ids, fold_of, fold, test_images, params,
+                                      fold_file.with_suffix(".logits.npz"), key)
             done = {"recipe": key, "metrics": metrics, "per_slice": table.to_dict(orient="list")}
             write_json(done, fold_file)
         print(f"fold {fold}: " + "  ".join(f"{m} {done['metrics'][m]:.4f}" for m in CV_METRICS)

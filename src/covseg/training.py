@@ -203,6 +203,14 @@ def pseudo_labels(model: Segmenter, images: np.ndarray, confidence: float, batch
     return labels
 
 
+def unlabelled_images(t: Train, val_images: np.ndarray, test_images: np.ndarray) -> np.ndarray | None:
+    """What self-training labels: the test images, with `t.pseudo_images` test_and_val the validation
+    (held-out) images before them; None when it is off."""
+    if not t.pseudo_epochs:
+        return None
+    return np.concatenate([val_images, test_images]) if t.pseudo_images == "test_and_val" else test_images
+
+
 def _loader(x: torch.Tensor, y: torch.Tensor, transform: Compose | None, batch_size: int,
             generator: torch.Generator) -> DataLoader:
     # torch's DataLoader: MONAI's would re-seed the transforms from the generator

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
-import numpy as np
 
 from covseg import tracking
 from covseg.atomic import atomic_output
@@ -13,7 +12,7 @@ from covseg.model import load_checkpoint, save_checkpoint
 from covseg.names import TAG_BEST_EPOCH
 from covseg.params import ModelParams, Tracking, Train
 from covseg.preprocessing import load_processed
-from covseg.training import train
+from covseg.training import train, unlabelled_images
 
 
 def run(data: str | Path, model: str | Path, history: str | Path, seed: int, m: ModelParams, t: Train,
@@ -27,10 +26,7 @@ def run(data: str | Path, model: str | Path, history: str | Path, seed: int, m: 
     """
     x_train, y_train = load_processed(data, "train")
     x_val, y_val = load_processed(data, "val")
-    # self-training labels the test images (and with test_and_val the validation images) itself
-    x_test, unlabelled = load_processed(data, "test")[0], None
-    if t.pseudo_epochs:
-        unlabelled = np.concatenate([x_val, x_test]) if t.pseudo_images == "test_and_val" else x_test
+    unlabelled = unlabelled_images(t, x_val, load_processed(data, "test")[0])
     with tracking.start_training_run(trk.experiment, logged_params) as mlflow_run:
         with atomic_output(model) as partial, atomic_output(history) as history_tmp:
             table = train(t, m, seed, x_train, y_train, x_val, y_val, partial, on_epoch=tracking.log_epoch,
@@ -39,7 +35,7 @@ def run(data: str | Path, model: str | Path, history: str | Path, seed: int, m: 
             model_uri = tracking.log_model(net, x_val.shape[1:])
             save_checkpoint(net, partial, epoch=ckpt["epoch"], val_kaggle_f1=ckpt["val_kaggle_f1"],
                             mlflow_run_id=mlflow_run.info.run_id, mlflow_model_uri=model_uri,
-                            saw_val_images=unlabelled is not None and len(unlabelled) > len(x_test))
+                            saw_val_images=bool(t.pseudo_epochs) and t.pseudo_images == "test_and_val")
             table.to_csv(history_tmp, index=False)
         mlflow.log_artifact(str(history))
         mlflow.set_tag(TAG_BEST_EPOCH, ckpt["epoch"])
