@@ -75,11 +75,11 @@ def finished_folds(out_dir: Path, name: str, folds: int, recipe: str) -> list[in
 
 
 def work(params, spec: str) -> float:
-    """Rough cost of one fold of a set (epochs x pixels x channels^2), to start the longest first."""
+    """Rough cost of one fold of a set (epochs x members x pixels x channels^2), to start the longest first."""
     p = spec_params(params, spec)
     t = p.train
     side = (t.crop or 512 * t.scale) ** 2 * (t.crops_per_slice if t.crop else 1)
-    return t.epochs * side * p.model.base_channels ** 2
+    return (t.epochs + t.pseudo_epochs) * t.members * side * p.model.base_channels ** 2
 
 
 def run_all(data: str, specs: list[str], folds: int, jobs: int, out_dir: Path, deadline: float | None) -> None:

@@ -8,8 +8,17 @@ import torch
 
 from covseg.data import one_hot_to_index, synthesize
 from covseg.errors import CovsegError, ParamsError
-from covseg.evaluation import dice_metrics, per_slice_dice
-from covseg.model import Segmenter, UNet, load_checkpoint, predict_logits, save_checkpoint
+from covseg.evaluation import confusion_matrix, dice_metrics, per_slice_dice, summary_metrics
+from covseg.model import (
+    Ensemble,
+    Segmenter,
+    UNet,
+    load_checkpoint,
+    members,
+    predict_labels,
+    predict_logits,
+    save_checkpoint,
+)
 from covseg.names import IGNORE_LABEL
 from covseg.params import check, read_tree
 from covseg.preprocessing import window
@@ -403,3 +412,113 @@ def test_a_training_killed_under_other_code_is_not_resumed(params, slices, tmp_p
     seen = []
     train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=seen.append, state=tmp_path / "m.state")
     assert [r["epoch"] for r in seen] == [1, 2], "started afresh"
+
+
+# ------------------------------------------------------------------------------------------ ensembles, precision
+
+
+def test_an_ensemble_is_its_members_each_trained_from_its_own_seed(params, slices, tmp_path):
+    x, y = slices
+    p = params.override({**TINY_TRAIN, "train.members": 2})
+    data = (x[:6], y[:6], x[6:], y[6:])
+    history = train(p.train, p.model, p.seed, *data, tmp_path / "ens.pt")
+    single = p.override({"train.members": 1})
+    train(single.train, single.model, p.seed, *data, tmp_path / "one.pt")
+    ens, ckpt = load_checkpoint(tmp_path / "ens.pt")
+    one, _ = load_checkpoint(tmp_path / "one.pt")
+    first, second = members(ens.unet)
+    assert ckpt["members"] == 2 and isinstance(ens.unet, Ensemble)
+    assert history["member"].tolist() == [0, 0, 0, 1, 1, 1] and history["epoch"].tolist() == [1, 2, 3, 4, 5, 6]
+    for name, value in one.unet.state_dict().items():  # member 0 is the one-network training
+        assert torch.equal(first.state_dict()[name], value), name
+    assert not torch.equal(first.head.weight, second.head.weight), "member 1 from another seed"
+    images = x[6:]
+    mean = (predict_logits(Segmenter(first), images) + predict_logits(Segmenter(second), images)) / 2
+    np.testing.assert_allclose(predict_logits(Segmenter(ens.unet), images), mean, atol=1e-5)
+    facts = ckpt["val_kaggle_f1"]
+    assert facts == pytest.approx(summary_metrics(confusion_matrix(y[6:], predict_labels(ens, images)))["kaggle_f1"])
+
+
+def test_a_killed_ensemble_resumes_without_training_its_finished_members_again(params, slices, tmp_path, monkeypatch):
+    from covseg import training
+
+    x, y = slices
+    p = params.override({**TINY_TRAIN, "train.members": 2})
+    data = (x[:6], y[:6], x[6:], y[6:])
+    whole = train(p.train, p.model, p.seed, *data, tmp_path / "whole.pt", state=tmp_path / "w" / "state.pt")
+
+    def kill(row):
+        if row["epoch"] == 5:  # member 1's second epoch
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=kill, state=tmp_path / "s" / "state.pt")
+    steps, make_optimizer = [], training.make_optimizer
+
+    def counting(t, net):
+        optimizer, scheduler = make_optimizer(t, net)
+        step = optimizer.step
+        optimizer.step = lambda *a, **k: steps.append(1) or step(*a, **k)
+        return optimizer, scheduler
+
+    monkeypatch.setattr(training, "make_optimizer", counting)
+    seen = []
+    resumed = train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=seen.append,
+                    state=tmp_path / "s" / "state.pt")
+    assert len(steps) == 3, "one epoch (3 batches of 2) of member 1 is left; member 0 is not trained again"
+    assert [r["epoch"] for r in seen] == [1, 2, 3, 4, 5, 6]
+    columns = [c for c in whole.columns if c != "seconds"]
+    assert np.allclose(whole[columns].to_numpy(), resumed[columns].to_numpy(), atol=1e-6, equal_nan=True)
+    a, _ = load_checkpoint(tmp_path / "whole.pt")
+    b, _ = load_checkpoint(tmp_path / "m.pt")
+    assert all(torch.allclose(v, b.unet.state_dict()[k], atol=1e-6) for k, v in a.unet.state_dict().items()
+               if v.is_floating_point())
+
+
+@pytest.mark.parametrize("amp,native", [(True, True), (True, False), (False, True)])
+def test_amp_trains_in_bfloat16_on_a_cpu_that_has_it_and_says_so_in_the_recipe(params, slices, tmp_path, monkeypatch,
+                                                                               amp, native):
+    from covseg import crossval, training
+
+    x, y = slices
+    p = params.override({**TINY_TRAIN, "train.epochs": 1, "train.amp": amp, "train.device": "cpu"})
+    monkeypatch.setattr(training, "bf16_autocast", lambda device: native)
+    used, autocast = [], torch.autocast
+
+    def spy(device_type, dtype=None, enabled=True, **kw):
+        used.append((device_type, dtype, enabled))
+        return autocast(device_type, dtype, enabled=enabled, **kw)
+
+    monkeypatch.setattr(training.torch, "autocast", spy)
+    train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "m.pt")
+    assert used and all(u == ("cpu", torch.bfloat16, amp and native) for u in used)
+    key, fp32_key = training.recipe_key(p.train, p.model, p.seed), crossval.recipe_key(p, "d")
+    monkeypatch.setattr(training, "bf16_autocast", lambda device: False)
+    assert (training.recipe_key(p.train, p.model, p.seed) != key) == (amp and native), "a state of the other precision"
+    assert (crossval.recipe_key(p, "d") != fp32_key) == (amp and native), "CV results of the other precision"
+    assert crossval.recipe_key(p.override({"train.amp": not amp}), "d") == crossval.recipe_key(p, "d"), \
+        "float32 either way: the key of the results made before bfloat16 on CPUs"
+
+
+def test_cross_validation_of_an_ensemble_also_scores_its_first_member_alone(params, tiny_raw, tmp_path):
+    from covseg import crossval
+
+    p = params.override({**TINY_TRAIN, "split.folds": 3, "train.epochs": 1, "train.members": 2})
+    ens = crossval.cross_validate(tiny_raw, p, tmp_path / "ens.json", folds=[1])
+    one = crossval.cross_validate(tiny_raw, p.override({"train.members": 1}), tmp_path / "one.json", folds=[1])
+    assert ens["recipe"] != one["recipe"]
+    for m in crossval.CV_METRICS:
+        assert ens[f"without_members.{m}_mean"] == pytest.approx(one[f"{m}_mean"]), m
+    assert "without_members.kaggle_f1_mean" not in one
+
+
+def test_an_ensemble_warm_starts_each_member_from_the_sources_own(params, slices, tmp_path):
+    x, y = slices
+    torch.manual_seed(5)
+    source = Ensemble([UNet(base_channels=4, depth=2), UNet(base_channels=4, depth=2)])
+    save_checkpoint(Segmenter(source), tmp_path / "init.pt")
+    p = params.override({**TINY_TRAIN, "train.lr": 0.0, "train.members": 2, "train.init": str(tmp_path / "init.pt")})
+    train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "m.pt")
+    trained, _ = load_checkpoint(tmp_path / "m.pt")
+    for mine, theirs in zip(members(trained.unet), members(source), strict=True):
+        assert torch.equal(mine.head.weight, theirs.head.weight)

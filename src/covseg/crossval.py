@@ -24,11 +24,11 @@ from covseg.atomic import atomic_output, write_json
 from covseg.data import fingerprint, load_raw, one_hot_to_index
 from covseg.errors import ParamsError
 from covseg.evaluation import confusion_matrix, dice_metrics, per_slice_table, summary_metrics
-from covseg.model import load_checkpoint, pick_device, predict_labels, predict_logits
+from covseg.model import Segmenter, load_checkpoint, members, pick_device, predict_labels, predict_logits
 from covseg.names import DICE, KAGGLE_F1
 from covseg.params import Params
 from covseg.preprocessing import assign_folds, window
-from covseg.training import train, unlabelled_images
+from covseg.training import train, unlabelled_images, uses_bf16
 from covseg.validation import validate_raw
 
 # what the summary reports as mean and spread over folds
@@ -47,6 +47,10 @@ def recipe_key(params: Params, data: str) -> str:
         tree["train"] = {k: v for k, v in tree["train"].items() if not k.startswith("pseudo_")}
     elif tree["train"]["pseudo_images"] == "test_and_val":  # the first self-training results had no choice
         del tree["train"]["pseudo_images"]
+    if tree["train"]["members"] == 1:
+        del tree["train"]["members"]
+    if uses_bf16(params.train) and pick_device(params.train.device).type == "cpu":  # float32 on CPUs before
+        tree["train"]["cpu_bf16"] = True
     return hashlib.sha256(json.dumps([tree, data], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -91,6 +95,10 @@ def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndar
                              predict_labels(variant, images[va], params.evaluate.batch_size, device))
             scores = _scores(labels[va], preds_without)
             metrics.update({f"without_{lever}.{k}": v for k, v in scores.items() if k in CV_METRICS})
+    if len(members(model.unet)) > 1:  # the ensemble's first member alone: the one-network training
+        single = Segmenter(members(model.unet)[0], model.scale, model.tta, model.min_island, model.class_bias)
+        scores = _scores(labels[va], predict_labels(single, images[va], params.evaluate.batch_size, device))
+        metrics.update({f"without_members.{k}": v for k, v in scores.items() if k in CV_METRICS})
     table = per_slice_table(labels[va], preds, [ids[i] for i in va]).assign(fold=fold)
     return metrics, table
 

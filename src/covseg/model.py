@@ -1,6 +1,7 @@
 """The seed's plain U-Net (3x3 convs, 2x2 max-pool, transposed-conv upsampling, skips) and inference."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,37 @@ def build_model(m: ModelParams) -> UNet:
     return UNet(base_channels=m.base_channels, depth=m.depth, norm=m.norm)
 
 
+class Ensemble(nn.Module):
+    """Networks of one config trained apart (train.members); their logits are averaged."""
+
+    def __init__(self, nets: list[UNet]):
+        super().__init__()
+        if len({json.dumps(n.config, sort_keys=True) for n in nets}) != 1:
+            raise ValueError("an ensemble's networks must share one config")
+        self.nets, self.config = nn.ModuleList(nets), nets[0].config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.nets[0](x)
+        for net in self.nets[1:]:
+            out = out + net(x)
+        return out / len(self.nets)
+
+
+def members(net: UNet | Ensemble) -> list[UNet]:
+    """The networks a model averages: one, or an ensemble's."""
+    return list(net.nets) if isinstance(net, Ensemble) else [net]
+
+
+def bf16_autocast(device: torch.device) -> bool:
+    """Whether train.amp trains in bfloat16 autocast on `device`: CUDA, or a CPU with native bfloat16
+    (AVX512-BF16 or AMX; elsewhere bfloat16 is emulated and slower than float32)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """auto: CUDA, then Apple MPS, then CPU."""
     if name != "auto":
@@ -74,6 +106,7 @@ def pick_device(name: str = "auto") -> torch.device:
 class Segmenter(nn.Module):
     """The deployable model: full-size slices (N, 1, H, W) in [0, 1] -> full-size logits (N, 4, H, W).
 
+    `unet` is one U-Net or an Ensemble of them (train.members: their logits averaged).
     The U-Net inside may work at a fraction `scale` of the slice size (train.scale); this wrapper
     resizes on the way in and out, so every consumer (evaluate, submit, the registry) sees full size.
     With `tta` the logits are the mean over the slice and its left-right mirror. `postprocess` turns
@@ -82,7 +115,7 @@ class Segmenter(nn.Module):
     a class the training's weights make too rare or too common is called more or less often.
     """
 
-    def __init__(self, unet: UNet, scale: float = 1.0, tta: bool = False, min_island: int = 0,
+    def __init__(self, unet: UNet | Ensemble, scale: float = 1.0, tta: bool = False, min_island: int = 0,
                  class_bias: list[float] | None = None):
         super().__init__()
         self.unet, self.scale, self.tta, self.min_island = unet, float(scale), bool(tta), int(min_island)
@@ -123,7 +156,7 @@ class Segmenter(nn.Module):
         return torch.from_numpy(out.astype(np.uint8))
 
 
-def segmenter(unet: UNet, scale: float, m: ModelParams) -> Segmenter:
+def segmenter(unet: UNet | Ensemble, scale: float, m: ModelParams) -> Segmenter:
     """The deployable model of `unet` with the inference-time choices of params.yaml:model."""
     return Segmenter(unet, scale, m.tta, m.min_island, m.class_bias)
 
@@ -133,13 +166,14 @@ def save_checkpoint(model: Segmenter, path: str | Path, **extra) -> None:
     with atomic_output(path) as tmp:
         torch.save({"config": model.unet.config, "scale": model.scale, "tta": model.tta,
                     "min_island": model.min_island, "class_bias": model.class_bias,
-                    "state_dict": model.unet.state_dict(), **extra}, tmp)
+                    "members": len(members(model.unet)), "state_dict": model.unet.state_dict(), **extra}, tmp)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
     """A checkpoint written by save_checkpoint; weights only, nothing is unpickled."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    unet = UNet(**ckpt["config"])
+    n = int(ckpt.get("members", 1))
+    unet = UNet(**ckpt["config"]) if n == 1 else Ensemble([UNet(**ckpt["config"]) for _ in range(n)])
     unet.load_state_dict(ckpt["state_dict"])
     model = Segmenter(unet, ckpt["scale"], ckpt.get("tta", False), ckpt.get("min_island", 0),
                       ckpt.get("class_bias"))

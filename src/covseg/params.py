@@ -99,6 +99,7 @@ class Train(Section):
     scale: float = Field(gt=0, le=1)
     select: Literal["last", "best"]
     val_every: int = Field(ge=1)
+    members: int = Field(ge=1, le=16)
     pseudo_epochs: int = Field(ge=0)
     pseudo_confidence: float = Field(ge=0, lt=1)
     pseudo_images: Literal["test", "test_and_val"]

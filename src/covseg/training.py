@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,19 @@ from tqdm import tqdm
 from covseg.atomic import atomic_output
 from covseg.errors import CovsegError, ParamsError
 from covseg.evaluation import confusion_matrix, dice_metrics, summary_metrics
-from covseg.model import Segmenter, build_model, pick_device, predict_logits, resize, save_checkpoint, segmenter
+from covseg.model import (
+    Ensemble,
+    Segmenter,
+    bf16_autocast,
+    build_model,
+    load_checkpoint,
+    members,
+    pick_device,
+    predict_logits,
+    resize,
+    save_checkpoint,
+    segmenter,
+)
 from covseg.names import IGNORE_LABEL, KAGGLE_F1, NUM_CLASSES, SHORT
 from covseg.params import ModelParams, Train
 
@@ -104,13 +117,15 @@ def make_optimizer(t: Train, net: torch.nn.Module):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def warm_start(net: torch.nn.Module, spec: str, device: torch.device) -> None:
-    """Start from the weights of a checkpoint or a registry model (`models:/covseg-unet@champion`)."""
+def warm_start(net: torch.nn.Module, spec: str, device: torch.device, member: int = 0) -> None:
+    """Start from the weights of a checkpoint or a registry model (`models:/covseg-unet@champion`); an
+    ensemble's member k starts from the source's member k (of an ensemble of fewer: k modulo their number)."""
     from covseg.model import load_model
 
     source, _ = load_model(spec, device)
+    nets = members(source.unet)
     try:
-        net.load_state_dict(source.unet.state_dict())
+        net.load_state_dict(nets[member % len(nets)].state_dict())
     except RuntimeError as exc:
         raise CovsegError(f"train.init = {spec!r}: its network does not match params.yaml:model "
                           f"({str(exc).splitlines()[0]})") from None
@@ -145,10 +160,15 @@ def code_version() -> str:
     return h.hexdigest()[:16]
 
 
+def uses_bf16(t: Train) -> bool:
+    """Whether training runs in bfloat16 autocast here (train.amp on CUDA or a CPU with native bfloat16)."""
+    return t.amp and bf16_autocast(pick_device(t.device))
+
+
 def recipe_key(t: Train, m: ModelParams, seed: int, *arrays: np.ndarray) -> str:
-    """What a training's result depends on: params (not the device), the code and the data."""
+    """What a training's result depends on: params (not the device), the precision, the code and the data."""
     h = hashlib.sha256(json.dumps([t.model_dump(exclude={"device", "amp"}), m.model_dump(), seed,
-                                   code_version()]).encode())
+                                   code_version(), uses_bf16(t)]).encode())
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
@@ -175,12 +195,13 @@ class TrainingState:
                         "torch_rng": torch.get_rng_state(), "loader_rng": generator.get_state(), "numpy_rngs": rngs,
                         "history": json.dumps(history), "best": best, "best_net": best_net, "pseudo": pseudo}, tmp)
 
-    def load(self) -> dict | None:
-        """The state of an unfinished run of the same recipe, or None (start afresh)."""
+    def load(self, finished: bool = False) -> dict | None:
+        """The state of an unfinished run of the same recipe (also of a finished one, with `finished`),
+        or None (start afresh)."""
         if self.path is None or not self.path.is_file():
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=True)
-        return state if state.get("recipe") == self.key and not state.get("finished") else None
+        return state if state.get("recipe") == self.key and (finished or not state.get("finished")) else None
 
     @staticmethod
     def restore(state: dict, net, optimizer, scheduler, generator, transform) -> None:
@@ -229,13 +250,48 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
     Self-training (`t.pseudo_epochs`): after `t.epochs`, the model as it is then (with `best` too)
     labels the `unlabelled` images (pseudo_labels) and trains on them and the labelled slices for
     `t.pseudo_epochs` more epochs.
+    With `t.members` N > 1, N networks are trained one after another, member k from seed `seed + k`
+    (member 0 is the one-network training), and the checkpoint is their Ensemble; the history holds
+    their schedules one after another (column `member`, epochs counted on).
     With `state`, the run is saved after every epoch and an unfinished run of the same params and
-    data resumes from it (its earlier epochs are passed to `on_epoch` again), to the same result."""
+    data resumes from it (its earlier epochs are passed to `on_epoch` again), to the same result;
+    an ensemble's members that had finished are not trained again."""
     if t.pseudo_epochs and (unlabelled is None or not len(unlabelled)):
         raise ParamsError("train.pseudo_epochs: self-training needs unlabelled images (validation or test "
                           "slices), and none were given; set it to 0")
+    args = (t, m, train_images, train_labels, val_images, val_labels)
+    if t.members == 1:
+        return pd.DataFrame(_train_member(*args, seed, checkpoint, on_epoch, state, unlabelled))
+    last, history, nets = t.epochs + t.pseudo_epochs, [], []
+    with tempfile.TemporaryDirectory(prefix="covseg-members-") as tmp:
+        for k in range(t.members):
+            def log(row: dict, k: int = k) -> None:
+                history.append({**row, "epoch": row["epoch"] + k * last, "member": k})
+                if on_epoch is not None:
+                    on_epoch(history[-1])
+
+            member_state = None if state is None else Path(state).with_name(
+                f"{Path(state).stem}.member{k}{Path(state).suffix}")
+            _train_member(*args, seed + k, Path(tmp) / f"member{k}.pt", log, member_state, unlabelled,
+                          member=k)
+            nets.append(load_checkpoint(Path(tmp) / f"member{k}.pt")[0].unet)
+    model = segmenter(Ensemble(nets), t.scale, m)
+    preds = model.postprocess(torch.from_numpy(predict_logits(model, val_images, t.batch_size,
+                                                              pick_device(t.device)))).numpy()
+    save_checkpoint(model, checkpoint, epoch=last,
+                    val_kaggle_f1=summary_metrics(confusion_matrix(val_labels, preds))[KAGGLE_F1])
+    return pd.DataFrame(history)
+
+
+def _train_member(t: Train, m: ModelParams, train_images: np.ndarray, train_labels: np.ndarray,
+                  val_images: np.ndarray, val_labels: np.ndarray, seed: int, checkpoint: str | Path,
+                  on_epoch: Callable[[dict], None] | None, state: str | Path | None,
+                  unlabelled: np.ndarray | None, member: int | None = None) -> list[dict]:
+    """One network's training (train's loop); returns its history. As an ensemble's `member`, it warm-starts
+    from that member of `t.init`, and a finished run of the same recipe saved in `state` is not trained
+    again: its model and history are used."""
     set_seed(seed)
-    device = pick_device(t.device)
+    device, autocast = pick_device(t.device), uses_bf16(t)
 
     # Downscale once (images bilinear, labels nearest), keep (N, 1, h, w) tensors for MONAI.
     x = resize(torch.from_numpy(train_images)[:, None].float(), t.scale, "bilinear")
@@ -246,7 +302,7 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
 
     net = build_model(m).to(device)
     if t.init:
-        warm_start(net, t.init, device)
+        warm_start(net, t.init, device, member or 0)
     model = segmenter(net, t.scale, m)  # evaluated and saved at full size
     optimizer, scheduler = make_optimizer(t, net)
     loss_fn = make_loss(t, device)
@@ -255,21 +311,22 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
     data = (train_images, train_labels, val_images, val_labels, *((unlabelled,) if t.pseudo_epochs else ()))
     saved = TrainingState(state, recipe_key(t, m, seed, *data))
     history, best, best_net, pseudo, first = [], -1.0, None, None, 1
-    resumed = saved.load()
+    last = t.epochs + t.pseudo_epochs
+    resumed = saved.load(finished=member is not None)
     if resumed is not None:
         saved.restore(resumed, net, optimizer, scheduler, generator, transform)
         history, best, best_net = json.loads(resumed["history"]), resumed["best"], resumed["best_net"]
         pseudo, first = resumed["pseudo"], resumed["epoch"] + 1
-        if best_net is not None:  # the best checkpoint so far, as the killed run had written it
-            best_epoch = max((r for r in history if "val_loss" in r), key=lambda r: r[f"val_{KAGGLE_F1}"])["epoch"]
+        if best_net is not None or first > last:  # the checkpoint as the killed (or finished) run had written it
+            scored = [r for r in history if "val_loss" in r]
+            kept = max(scored, key=lambda r: r[f"val_{KAGGLE_F1}"]) if best_net is not None else scored[-1]
             keep_net = build_model(m)
-            keep_net.load_state_dict(best_net)
-            save_checkpoint(segmenter(keep_net, t.scale, m), checkpoint, epoch=best_epoch,
+            keep_net.load_state_dict(best_net if best_net is not None else resumed["net"])
+            save_checkpoint(segmenter(keep_net, t.scale, m), checkpoint, epoch=kept["epoch"],
                             val_kaggle_f1=best)
-        tqdm.write(f"resuming from epoch {resumed['epoch']} of {t.epochs + t.pseudo_epochs} ({saved.path})")
+        tqdm.write(f"resuming from epoch {resumed['epoch']} of {last} ({saved.path})")
         for row in history if on_epoch is not None else []:
             on_epoch(row)
-    last = t.epochs + t.pseudo_epochs
     for epoch in range(first, last + 1):
         if epoch == max(first, t.epochs + 1):  # self-training from here on (also when resumed in it)
             if pseudo is None:
@@ -288,8 +345,9 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
             # MetaTensors after MONAI transforms, plain tensors without any (the seed: no augmentation)
             xb = convert_to_tensor(batch["image"], track_meta=False).float()
             yb = convert_to_tensor(batch["label"], track_meta=False)[:, 0].long()
-            with torch.autocast(device.type, torch.bfloat16, enabled=t.amp and device.type == "cuda"):
-                loss = loss_fn(net(xb.to(device)), yb.to(device))
+            with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                logits = net(xb.to(device))
+            loss = loss_fn(logits.float(), yb.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -317,9 +375,10 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
         history.append(row)
         saved.save(epoch, epoch == last, net, optimizer, scheduler, generator, transform, history, best, best_net,
                    pseudo)
-        tqdm.write(f"epoch {epoch:3d}  train_loss {row['train_loss']:.4f}"
+        tqdm.write(("" if member is None else f"member {member}  ")
+                   + f"epoch {epoch:3d}  train_loss {row['train_loss']:.4f}"
                    + (f"  val_loss {row['val_loss']:.4f}  val_kaggle_f1 {row[f'val_{KAGGLE_F1}']:.4f}"
                       if "val_loss" in row else "") + f"  ({row['seconds']:.1f}s)")
         if on_epoch is not None:
             on_epoch(row)
-    return pd.DataFrame(history)
+    return history
