@@ -12,9 +12,9 @@ from covseg.names import PATHS
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Params of a fast CPU run on 64x64 slices, as overrides of params.yaml.
+# Params of a fast CPU run on 64x64 slices, as overrides of params.yaml (one network: ensembles are tested apart).
 TINY = {"synth.n_labelled": 10, "synth.n_test": 2, "synth.size": 64, "model.base_channels": 4, "model.depth": 2,
-        "train.epochs": 2, "train.scale": 1.0, "evaluate.overlays": 2,
+        "train.epochs": 2, "train.scale": 1.0, "train.members": 1, "evaluate.overlays": 2,
         "registry.min_eval_slices": 2}  # 10 slices in 5 folds: 2 validation slices
 
 

@@ -47,6 +47,6 @@ def test_training_takes_a_size_the_network_does_not_divide(params, tmp_path):
 
     images, masks, _ = synthesize(6, 1, 36, seed=2)  # 36 * 0.5 = 18: not a multiple of 2**4
     x, y = window(images[..., 0]), one_hot_to_index(masks)
-    p = params.override({"train.epochs": 1, "model.base_channels": 2, "model.depth": 4})
+    p = params.override({"train.epochs": 1, "train.members": 1, "model.base_channels": 2, "model.depth": 4})
     history = train(p.train, p.model, p.seed, x[:4], y[:4], x[4:], y[4:], tmp_path / "m.pt")
     assert len(history) == 1 and (tmp_path / "m.pt").is_file()

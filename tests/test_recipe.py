@@ -26,7 +26,7 @@ from covseg.training import _loader as make_loader
 from covseg.training import augmentation, make_loss, make_optimizer, pseudo_labels, train
 
 TINY_TRAIN = {"model.base_channels": 4, "model.depth": 2, "train.epochs": 3, "train.crop": 32,
-              "train.val_every": 2, "train.warmup_epochs": 1}
+              "train.val_every": 2, "train.warmup_epochs": 1, "train.members": 1}
 
 
 @pytest.fixture(scope="module")

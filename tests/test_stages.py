@@ -82,6 +82,28 @@ def test_run_is_tracked_and_registered(pipeline, mlflow_store):
     assert registry.provenance("covseg-unet", 1).train_slice_ids == set(train_ids)
 
 
+def test_an_ensemble_is_trained_registered_and_served_as_one_model(tmp_path, tiny_raw, tiny_params, mlflow_store,
+                                                                     monkeypatch):
+    from covseg import tracking
+    from covseg.model import Ensemble, predict_logits
+    from covseg.preprocessing import load_processed
+
+    monkeypatch.chdir(tmp_path)
+    p = tiny_params.override({"train.members": 2})
+    validate.run(tiny_raw, PATHS.validation, p.validate_)
+    preprocess.run(tiny_raw, PATHS.processed, p.window, p.split, p.seed, PATHS.validation)
+    trained = train.run(PATHS.processed, PATHS.model, PATHS.history, p.seed, p.model, p.train, p.tracking, p.flat())
+    assert pd.read_csv(PATHS.history)["member"].tolist() == [0, 1]
+    metrics = evaluate.run(PATHS.processed, PATHS.model, PATHS.history, PATHS.validation, PATHS.metrics,
+                           PATHS.evaluation, p.evaluate, p.tracking, p.registry)
+    local, _ = load_checkpoint(PATHS.model)
+    registered = tracking.load_model(f"models:/covseg-unet/{metrics['model_version']}")
+    assert isinstance(local.unet, Ensemble) and isinstance(registered.unet, Ensemble)
+    x_val, _ = load_processed(PATHS.processed, "val")
+    np.testing.assert_array_equal(predict_logits(registered, x_val), predict_logits(local, x_val))
+    assert metrics["kaggle_f1"] == pytest.approx(trained["val_kaggle_f1"]), "evaluate scores the ensemble"
+
+
 def test_failed_contract_writes_the_report_and_nothing_else(tmp_path, tiny_arrays, tiny_params):
     from covseg.data import write_raw
 
