@@ -1,11 +1,14 @@
 """benchmarks/accuracy.py's fold pool: set specs, longest first, a failed fold that stops nothing else,
 and a deadline that stops what still runs (stand-in commands instead of trainings)."""
 import json
+import os
 import sys
 import time
 
 import pytest
 from projects import ROOT
+
+from covseg.names import ENV_REAL_DATA
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import accuracy
@@ -61,3 +64,15 @@ def test_the_deadline_stops_running_folds_and_finished_folds_are_not_run_again(m
     assert time.monotonic() - begin < 30, "hanging folds were stopped at the deadline"
     assert started == [("default", 1), ("default", 2)], "fold 0 is done; fold 1 holds another recipe's results"
     assert done(tmp_path, "default", 3) == [0]
+
+
+@pytest.mark.skipif(not os.environ.get(ENV_REAL_DATA), reason=f"{ENV_REAL_DATA} is not set (the data they were run on)")
+def test_the_committed_cv_results_are_still_those_of_their_specs():
+    """A change of params.yaml or of the recipe key that made the committed folds look stale would have
+    the README's commands train them all again (hours): every set of accuracy.json finds its folds done."""
+    summary = json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text())
+    for spec in summary["sets"]:
+        name = accuracy.parse_spec(spec)[0]
+        found = accuracy.finished_folds(ROOT / "benchmarks" / "results", name, summary["folds"],
+                                        accuracy.recipe_of(os.environ[ENV_REAL_DATA], spec))
+        assert found == summary["results"][name]["folds_run"], spec

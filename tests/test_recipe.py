@@ -23,7 +23,7 @@ from covseg.names import IGNORE_LABEL
 from covseg.params import check, read_tree
 from covseg.preprocessing import window
 from covseg.training import _loader as make_loader
-from covseg.training import augmentation, make_loss, make_optimizer, pseudo_labels, train
+from covseg.training import augmentation, make_loss, make_optimizer, pseudo_labels, train, uses_bf16
 
 TINY_TRAIN = {"model.base_channels": 4, "model.depth": 2, "train.epochs": 3, "train.crop": 32,
               "train.val_every": 2, "train.warmup_epochs": 1, "train.members": 1}
@@ -492,12 +492,10 @@ def test_amp_trains_in_bfloat16_on_a_cpu_that_has_it_and_says_so_in_the_recipe(p
     monkeypatch.setattr(training.torch, "autocast", spy)
     train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "m.pt")
     assert used and all(u == ("cpu", torch.bfloat16, amp and native) for u in used)
-    key, fp32_key = training.recipe_key(p.train, p.model, p.seed), crossval.recipe_key(p, "d")
-    monkeypatch.setattr(training, "bf16_autocast", lambda device: False)
-    assert (training.recipe_key(p.train, p.model, p.seed) != key) == (amp and native), "a state of the other precision"
-    assert (crossval.recipe_key(p, "d") != fp32_key) == (amp and native), "CV results of the other precision"
-    assert crossval.recipe_key(p.override({"train.amp": not amp}), "d") == crossval.recipe_key(p, "d"), \
-        "float32 either way: the key of the results made before bfloat16 on CPUs"
+    key, cv_key = training.recipe_key(p.train, p.model, p.seed), crossval.recipe_key(p, "d")
+    monkeypatch.setattr(training, "bf16_autocast", lambda device: not native)  # another machine
+    assert (training.recipe_key(p.train, p.model, p.seed) != key) == amp, "a state of the other precision"
+    assert crossval.recipe_key(p, "d") == cv_key, "CV folds are found done on any machine (they record bf16)"
 
 
 def test_cross_validation_of_an_ensemble_also_scores_its_first_member_alone(params, tiny_raw, tmp_path):
@@ -510,6 +508,38 @@ def test_cross_validation_of_an_ensemble_also_scores_its_first_member_alone(para
     for m in crossval.CV_METRICS:
         assert ens[f"without_members.{m}_mean"] == pytest.approx(one[f"{m}_mean"]), m
     assert "without_members.kaggle_f1_mean" not in one
+    assert ens["per_fold"][0]["bf16"] is uses_bf16(p.train), "each fold records its precision"
+
+
+def test_a_warm_started_ensemble_trains_its_finished_members_again(params, slices, tmp_path, monkeypatch):
+    """The warm start's source (a registry alias, a file) may have moved since: nothing is reused."""
+    from covseg import training
+
+    x, y = slices
+    save_checkpoint(Segmenter(UNet(base_channels=4, depth=2)), tmp_path / "init.pt")
+    p = params.override({**TINY_TRAIN, "train.members": 2, "train.init": str(tmp_path / "init.pt")})
+    data = (x[:6], y[:6], x[6:], y[6:])
+    train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", state=tmp_path / "s" / "state.pt")
+    steps, make_optimizer = [], training.make_optimizer
+
+    def counting(t, net):
+        optimizer, scheduler = make_optimizer(t, net)
+        step = optimizer.step
+        optimizer.step = lambda *a, **k: steps.append(1) or step(*a, **k)
+        return optimizer, scheduler
+
+    monkeypatch.setattr(training, "make_optimizer", counting)
+    train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", state=tmp_path / "s" / "state.pt")
+    assert len(steps) == 2 * 3 * 3, "both members, 3 epochs of 3 batches each"
+
+
+def test_an_ensemble_keeps_the_last_epoch_and_a_checkpoint_names_a_bad_size(params, tmp_path):
+    with pytest.raises(ParamsError, match=r"train\.members = 2 is not allowed: .*train\.select: best"):
+        params.override({"train.members": 2, "train.select": "best"})
+    torch.save({"config": UNet(base_channels=2, depth=1).config, "scale": 1.0, "members": 10 ** 6,
+                "state_dict": {}}, tmp_path / "m.pt")
+    with pytest.raises(CovsegError, match=r"m\.pt: 'members' = 1000000 is not an ensemble size"):
+        load_checkpoint(tmp_path / "m.pt")
 
 
 def test_an_ensemble_warm_starts_each_member_from_the_sources_own(params, slices, tmp_path):

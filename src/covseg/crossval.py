@@ -36,7 +36,9 @@ CV_METRICS = (*DICE, "f1_ggo", "f1_consolidation", KAGGLE_F1, "pooled_f1")
 
 
 def recipe_key(params: Params, data: str) -> str:
-    """A hash of everything a fold's result depends on: the data and the params the stages read."""
+    """A hash of everything a fold's result depends on: the data and the params the stages read. Not the
+    machine: not the device, nor whether train.amp trains in bfloat16 there (each fold records `bf16`),
+    so folds run on a GPU are found done where they are summarised."""
     tree = {k: v for k, v in params.tree().items() if k in ("seed", "window", "split", "model", "train")}
     tree["train"] = {k: v for k, v in tree["train"].items() if k not in ("device", "amp")}
     tree["split"] = {"folds": tree["split"]["folds"]}
@@ -49,8 +51,6 @@ def recipe_key(params: Params, data: str) -> str:
         del tree["train"]["pseudo_images"]
     if tree["train"]["members"] == 1:
         del tree["train"]["members"]
-    if uses_bf16(params.train) and pick_device(params.train.device).type == "cpu":  # float32 on CPUs before
-        tree["train"]["cpu_bf16"] = True
     return hashlib.sha256(json.dumps([tree, data], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -82,7 +82,8 @@ def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndar
                                 ids=np.asarray([ids[i] for i in va]), recipe=recipe)
     preds = model.postprocess(torch.from_numpy(logits)).numpy()
     metrics = {**_scores(labels[va], preds), "fold": fold, "train_slices": len(tr), "val_slices": len(va),
-               "epoch": int(ckpt["epoch"]), "seconds": round(time.perf_counter() - start, 1),
+               "epoch": int(ckpt["epoch"]), "bf16": uses_bf16(params.train),
+               "seconds": round(time.perf_counter() - start, 1),
                "epoch_seconds": float(history["seconds"].mean())}
     # the inference-time levers, ablated on the same trained model at no training cost
     for lever, off in (("tta", {"tta": False}), ("min_island", {"min_island": 0}),

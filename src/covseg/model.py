@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from covseg.atomic import atomic_output
-from covseg.names import NUM_CLASSES, SCORED
+from covseg.errors import CovsegError
+from covseg.names import MAX_MEMBERS, NUM_CLASSES, SCORED
 from covseg.params import ModelParams
 
 
@@ -172,7 +173,9 @@ def save_checkpoint(model: Segmenter, path: str | Path, **extra) -> None:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
     """A checkpoint written by save_checkpoint; weights only, nothing is unpickled."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    n = int(ckpt.get("members", 1))
+    n = ckpt.get("members", 1)
+    if not isinstance(n, int) or not 1 <= n <= MAX_MEMBERS:
+        raise CovsegError(f"{path}: 'members' = {n!r} is not an ensemble size (1..{MAX_MEMBERS})")
     unet = UNet(**ckpt["config"]) if n == 1 else Ensemble([UNet(**ckpt["config"]) for _ in range(n)])
     unet.load_state_dict(ckpt["state_dict"])
     model = Segmenter(unet, ckpt["scale"], ckpt.get("tta", False), ckpt.get("min_island", 0),

@@ -13,6 +13,7 @@ SHORT = ("ggo", "consolidation", "lungs_other", "background")
 NUM_CLASSES = len(CLASSES)
 SCORED = (0, 1)  # the classes the competition scores: ground glass, consolidation
 IGNORE_LABEL = 255  # a self-training label the model was unsure of: no loss is taken there
+MAX_MEMBERS = 16  # the most networks an ensemble (train.members) may hold
 
 # Metrics: the headline ones, logged as tags on registered versions and shown first.
 KAGGLE_F1 = "kaggle_f1"  # mean F1 of the scored classes: the competition's score

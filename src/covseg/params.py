@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from covseg.errors import ParamsError
-from covseg.names import HEADLINE_METRICS, NUM_CLASSES, PATHS
+from covseg.names import HEADLINE_METRICS, MAX_MEMBERS, NUM_CLASSES, PATHS
 
 
 def check_device(value: str) -> str:
@@ -99,7 +99,7 @@ class Train(Section):
     scale: float = Field(gt=0, le=1)
     select: Literal["last", "best"]
     val_every: int = Field(ge=1)
-    members: int = Field(ge=1, le=16)
+    members: int = Field(ge=1, le=MAX_MEMBERS)
     pseudo_epochs: int = Field(ge=0)
     pseudo_confidence: float = Field(ge=0, lt=1)
     pseudo_images: Literal["test", "test_and_val"]
@@ -112,6 +112,14 @@ class Train(Section):
     def _crop_even(cls, value: int) -> int:
         if value and value < 16:
             raise ValueError("must be 0 (whole slices) or at least 16 pixels")
+        return value
+
+    @field_validator("members")
+    @classmethod
+    def _one_best_epoch(cls, value: int, info: ValidationInfo) -> int:
+        if value > 1 and info.data.get("select") == "best":
+            raise ValueError("must be 1 with train.select: best (each member would keep an epoch of its own); "
+                             "use train.select: last")
         return value
 
     @field_validator("device")

@@ -255,14 +255,14 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
     their schedules one after another (column `member`, epochs counted on).
     With `state`, the run is saved after every epoch and an unfinished run of the same params and
     data resumes from it (its earlier epochs are passed to `on_epoch` again), to the same result;
-    an ensemble's members that had finished are not trained again."""
+    an ensemble's members that had finished are not trained again (unless `t.init` warm-starts them)."""
     if t.pseudo_epochs and (unlabelled is None or not len(unlabelled)):
         raise ParamsError("train.pseudo_epochs: self-training needs unlabelled images (validation or test "
                           "slices), and none were given; set it to 0")
     args = (t, m, train_images, train_labels, val_images, val_labels)
     if t.members == 1:
         return pd.DataFrame(_train_member(*args, seed, checkpoint, on_epoch, state, unlabelled))
-    last, history, nets = t.epochs + t.pseudo_epochs, [], []
+    last, history, nets, device = t.epochs + t.pseudo_epochs, [], [], pick_device(t.device)
     with tempfile.TemporaryDirectory(prefix="covseg-members-") as tmp:
         for k in range(t.members):
             def log(row: dict, k: int = k) -> None:
@@ -274,10 +274,9 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
                 f"{Path(state).stem}.member{k}{Path(state).suffix}")
             _train_member(*args, seed + k, Path(tmp) / f"member{k}.pt", log, member_state, unlabelled,
                           member=k)
-            nets.append(load_checkpoint(Path(tmp) / f"member{k}.pt")[0].unet)
+            nets.append(load_checkpoint(Path(tmp) / f"member{k}.pt", device)[0].unet)
     model = segmenter(Ensemble(nets), t.scale, m)
-    preds = model.postprocess(torch.from_numpy(predict_logits(model, val_images, t.batch_size,
-                                                              pick_device(t.device)))).numpy()
+    preds = model.postprocess(torch.from_numpy(predict_logits(model, val_images, t.batch_size, device))).numpy()
     save_checkpoint(model, checkpoint, epoch=last,
                     val_kaggle_f1=summary_metrics(confusion_matrix(val_labels, preds))[KAGGLE_F1])
     return pd.DataFrame(history)
@@ -289,7 +288,7 @@ def _train_member(t: Train, m: ModelParams, train_images: np.ndarray, train_labe
                   unlabelled: np.ndarray | None, member: int | None = None) -> list[dict]:
     """One network's training (train's loop); returns its history. As an ensemble's `member`, it warm-starts
     from that member of `t.init`, and a finished run of the same recipe saved in `state` is not trained
-    again: its model and history are used."""
+    again: its model and history are used (not with a warm start, whose source may have changed since)."""
     set_seed(seed)
     device, autocast = pick_device(t.device), uses_bf16(t)
 
@@ -312,7 +311,7 @@ def _train_member(t: Train, m: ModelParams, train_images: np.ndarray, train_labe
     saved = TrainingState(state, recipe_key(t, m, seed, *data))
     history, best, best_net, pseudo, first = [], -1.0, None, None, 1
     last = t.epochs + t.pseudo_epochs
-    resumed = saved.load(finished=member is not None)
+    resumed = saved.load(finished=member is not None and not t.init)
     if resumed is not None:
         saved.restore(resumed, net, optimizer, scheduler, generator, transform)
         history, best, best_net = json.loads(resumed["history"]), resumed["best"], resumed["best_net"]
