@@ -417,6 +417,22 @@ def test_a_training_killed_under_other_code_is_not_resumed(params, slices, tmp_p
 # ------------------------------------------------------------------------------------------ ensembles, precision
 
 
+def count_steps(monkeypatch) -> list:
+    """The optimizer steps the trainings from here on take (one item each)."""
+    from covseg import training
+
+    steps, make_optimizer = [], training.make_optimizer
+
+    def counting(t, net):
+        optimizer, scheduler = make_optimizer(t, net)
+        step = optimizer.step
+        optimizer.step = lambda *a, **k: steps.append(1) or step(*a, **k)
+        return optimizer, scheduler
+
+    monkeypatch.setattr(training, "make_optimizer", counting)
+    return steps
+
+
 def test_an_ensemble_is_its_members_each_trained_from_its_own_seed(params, slices, tmp_path):
     x, y = slices
     p = params.override({**TINY_TRAIN, "train.members": 2})
@@ -440,8 +456,6 @@ def test_an_ensemble_is_its_members_each_trained_from_its_own_seed(params, slice
 
 
 def test_a_killed_ensemble_resumes_without_training_its_finished_members_again(params, slices, tmp_path, monkeypatch):
-    from covseg import training
-
     x, y = slices
     p = params.override({**TINY_TRAIN, "train.members": 2})
     data = (x[:6], y[:6], x[6:], y[6:])
@@ -453,15 +467,7 @@ def test_a_killed_ensemble_resumes_without_training_its_finished_members_again(p
 
     with pytest.raises(Killed):
         train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=kill, state=tmp_path / "s" / "state.pt")
-    steps, make_optimizer = [], training.make_optimizer
-
-    def counting(t, net):
-        optimizer, scheduler = make_optimizer(t, net)
-        step = optimizer.step
-        optimizer.step = lambda *a, **k: steps.append(1) or step(*a, **k)
-        return optimizer, scheduler
-
-    monkeypatch.setattr(training, "make_optimizer", counting)
+    steps = count_steps(monkeypatch)
     seen = []
     resumed = train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=seen.append,
                     state=tmp_path / "s" / "state.pt")
@@ -513,22 +519,12 @@ def test_cross_validation_of_an_ensemble_also_scores_its_first_member_alone(para
 
 def test_a_warm_started_ensemble_trains_its_finished_members_again(params, slices, tmp_path, monkeypatch):
     """The warm start's source (a registry alias, a file) may have moved since: nothing is reused."""
-    from covseg import training
-
     x, y = slices
     save_checkpoint(Segmenter(UNet(base_channels=4, depth=2)), tmp_path / "init.pt")
     p = params.override({**TINY_TRAIN, "train.members": 2, "train.init": str(tmp_path / "init.pt")})
     data = (x[:6], y[:6], x[6:], y[6:])
     train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", state=tmp_path / "s" / "state.pt")
-    steps, make_optimizer = [], training.make_optimizer
-
-    def counting(t, net):
-        optimizer, scheduler = make_optimizer(t, net)
-        step = optimizer.step
-        optimizer.step = lambda *a, **k: steps.append(1) or step(*a, **k)
-        return optimizer, scheduler
-
-    monkeypatch.setattr(training, "make_optimizer", counting)
+    steps = count_steps(monkeypatch)
     train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", state=tmp_path / "s" / "state.pt")
     assert len(steps) == 2 * 3 * 3, "both members, 3 epochs of 3 batches each"
 
