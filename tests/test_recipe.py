@@ -504,15 +504,34 @@ def test_amp_trains_in_bfloat16_on_a_cpu_that_has_it_and_says_so_in_the_recipe(p
     assert crossval.recipe_key(p, "d") == cv_key, "CV folds are found done on any machine (they record bf16)"
 
 
-def test_cross_validation_of_an_ensemble_also_scores_its_first_member_alone(params, tiny_raw, tmp_path):
+def test_cross_validation_of_an_ensemble_also_scores_its_first_member_alone_and_all_but_its_last(
+        params, tiny_raw, tmp_path, monkeypatch):
     from covseg import crossval
 
-    p = params.override({**TINY_TRAIN, "split.folds": 3, "train.epochs": 1, "train.members": 2})
+    p = params.override({**TINY_TRAIN, "split.folds": 3, "train.epochs": 1, "train.members": 3})
+    scored = {"predict_logits": [], "predict_labels": []}  # the networks in each model scored
+
+    def spy(name):
+        def predict(model, *args, **kw):
+            scored[name].append([id(net) for net in crossval.members(model.unet)])
+            return real(model, *args, **kw)
+        real = getattr(crossval, name)
+        return predict
+
+    for name in scored:
+        monkeypatch.setattr(crossval, name, spy(name))
     ens = crossval.cross_validate(tiny_raw, p, tmp_path / "ens.json", folds=[1])
+    [nets] = scored["predict_logits"]
+    assert len(nets) == 3 and sorted(scored["predict_labels"]) == sorted([nets[:1], nets[:2]])
+    monkeypatch.undo()
+    two = crossval.cross_validate(tiny_raw, p.override({"train.members": 2}), tmp_path / "two.json", folds=[1])
     one = crossval.cross_validate(tiny_raw, p.override({"train.members": 1}), tmp_path / "one.json", folds=[1])
-    assert ens["recipe"] != one["recipe"]
+    assert len({ens["recipe"], two["recipe"], one["recipe"]}) == 3
     for m in crossval.CV_METRICS:
         assert ens[f"without_members.{m}_mean"] == pytest.approx(one[f"{m}_mean"]), m
+        assert two[f"without_members.{m}_mean"] == pytest.approx(one[f"{m}_mean"]), m
+        assert ens[f"without_last_member.{m}_mean"] == pytest.approx(two[f"{m}_mean"]), m
+    assert "without_last_member.kaggle_f1_mean" not in two, "all but the last of two is the first alone"
     assert "without_members.kaggle_f1_mean" not in one
     assert ens["per_fold"][0]["bf16"] is uses_bf16(p.train), "each fold records its precision"
 

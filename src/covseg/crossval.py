@@ -24,7 +24,7 @@ from covseg.atomic import atomic_output, write_json
 from covseg.data import fingerprint, load_raw, one_hot_to_index
 from covseg.errors import ParamsError
 from covseg.evaluation import confusion_matrix, dice_metrics, per_slice_table, summary_metrics
-from covseg.model import Segmenter, load_checkpoint, members, pick_device, predict_labels, predict_logits
+from covseg.model import Ensemble, Segmenter, load_checkpoint, members, pick_device, predict_labels, predict_logits
 from covseg.names import DICE, KAGGLE_F1
 from covseg.params import Params
 from covseg.preprocessing import assign_folds, window
@@ -96,10 +96,13 @@ def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndar
                              predict_labels(variant, images[va], params.evaluate.batch_size, device))
             scores = _scores(labels[va], preds_without)
             metrics.update({f"without_{lever}.{k}": v for k, v in scores.items() if k in CV_METRICS})
-    if len(members(model.unet)) > 1:  # the ensemble's first member alone: the one-network training
-        single = Segmenter(members(model.unet)[0], model.scale, model.tta, model.min_island, model.class_bias)
-        scores = _scores(labels[va], predict_labels(single, images[va], params.evaluate.batch_size, device))
-        metrics.update({f"without_members.{k}": v for k, v in scores.items() if k in CV_METRICS})
+    # the ensemble's first member alone (the one-network training) and, from 3 members on, all but the last
+    nets = members(model.unet)
+    for lever, kept in (("members", nets[:1]), ("last_member", nets[:-1]))[:len(nets) - 1]:
+        fewer = Segmenter(kept[0] if len(kept) == 1 else Ensemble(kept), model.scale, model.tta,
+                          model.min_island, model.class_bias)
+        scores = _scores(labels[va], predict_labels(fewer, images[va], params.evaluate.batch_size, device))
+        metrics.update({f"without_{lever}.{k}": v for k, v in scores.items() if k in CV_METRICS})
     table = per_slice_table(labels[va], preds, [ids[i] for i in va]).assign(fold=fold)
     return metrics, table
 
