@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from covseg.data import load_raw, one_hot_to_index
-from covseg.preprocessing import assign_folds, lesion_burden, load_processed, preprocess, window
+from covseg.preprocessing import assign_folds, lesion_burden, load_processed, preprocess, stratified_subset, window
 
 
 def test_window_by_hand():
@@ -40,6 +40,21 @@ def test_folds_are_seeded_and_stratified():
     total = lesion_burden(labels).sum(1)
     means = [total[folds == f].mean() for f in range(5)]
     assert max(means) - min(means) < 0.05
+
+
+def test_a_stratified_subset_spans_the_burden_range():
+    rng = np.random.default_rng(0)
+    consolidation = rng.integers(1, 10, 40) * (np.arange(40) < 12)
+    burdens = [(int(g), int(c)) for g, c in zip(rng.integers(1, 40, 40), consolidation)]
+    labels = _labels(burdens)
+    kept = stratified_subset(labels, 0.75)
+    assert len(kept) == 30 and len(set(kept.tolist())) == 30 and np.array_equal(kept, np.sort(kept))
+    has_cons = lesion_burden(labels)[:, 1] > 0
+    assert has_cons[kept].sum() == 9  # 3/4 of the 12 slices with consolidation, not by chance
+    total = lesion_burden(labels).sum(1)
+    assert abs(total[kept].mean() - total.mean()) < 0.02 and total[kept].max() == total[~has_cons].max()
+    assert np.array_equal(stratified_subset(labels, 1.0), np.arange(40))
+    assert len(stratified_subset(labels, 0.01)) == 1
 
 
 def test_folds_reject_bad_counts():

@@ -455,6 +455,23 @@ def test_an_ensemble_is_its_members_each_trained_from_its_own_seed(params, slice
     assert facts == pytest.approx(summary_metrics(confusion_matrix(y[6:], predict_labels(ens, images)))["kaggle_f1"])
 
 
+def test_data_fraction_trains_every_member_on_that_stratified_share_of_the_slices(params, slices, tmp_path,
+                                                                                  monkeypatch):
+    from covseg import training
+    from covseg.preprocessing import stratified_subset
+
+    x, y = slices
+    seen, member = [], training._train_member
+    monkeypatch.setattr(training, "_train_member", lambda t, m, xs, ys, *a, **k: seen.append(ys) or member(
+        t, m, xs, ys, *a, **k))
+    p = params.override({**TINY_TRAIN, "train.epochs": 1, "train.members": 2, "train.data_fraction": 0.5})
+    train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "half.pt")
+    kept = stratified_subset(y[:6], 0.5)
+    assert len(seen) == 2 and all(np.array_equal(s, y[:6][kept]) for s in seen) and len(kept) == 3
+    with pytest.raises(ParamsError, match="train.data_fraction"):
+        params.override({"train.data_fraction": 0})
+
+
 def test_a_killed_ensemble_resumes_without_training_its_finished_members_again(params, slices, tmp_path, monkeypatch):
     x, y = slices
     p = params.override({**TINY_TRAIN, "train.members": 2})

@@ -100,6 +100,7 @@ class Train(Section):
     select: Literal["last", "best"]
     val_every: int = Field(ge=1)
     members: int = Field(ge=1, le=MAX_MEMBERS)
+    data_fraction: float = Field(gt=0, le=1)
     pseudo_epochs: int = Field(ge=0)
     pseudo_confidence: float = Field(ge=0, lt=1)
     pseudo_images: Literal["test", "test_and_val"]

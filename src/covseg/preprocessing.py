@@ -46,6 +46,17 @@ def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold_of
 
 
+def stratified_subset(labels: np.ndarray, fraction: float) -> np.ndarray:
+    """The indices of `fraction` of the slices (at least one), spread evenly over the burden order of
+    `assign_folds`, so the subset spans the whole range of burden as the folds do."""
+    burden = lesion_burden(labels)
+    rank = np.arange(len(labels))
+    kept = np.floor((rank + 1) * fraction) > np.floor(rank * fraction)
+    if not kept.any():
+        kept[-1] = True
+    return np.sort(np.lexsort((burden.sum(1), burden[:, 1] > 0))[kept])
+
+
 def preprocess(raw: RawData, out_dir: str | Path, win: Window, split: Split, seed: int) -> dict:
     """Write the processed arrays and split.json into the folder `out_dir` (which may be a staging
     folder); returns the split summary."""

@@ -48,6 +48,7 @@ from covseg.model import (
 )
 from covseg.names import IGNORE_LABEL, KAGGLE_F1, NUM_CLASSES, SHORT
 from covseg.params import ModelParams, Train
+from covseg.preprocessing import stratified_subset
 
 
 def set_seed(seed: int) -> None:
@@ -255,7 +256,12 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
     their schedules one after another (column `member`, epochs counted on).
     With `state`, the run is saved after every epoch and an unfinished run of the same params and
     data resumes from it (its earlier epochs are passed to `on_epoch` again), to the same result;
-    an ensemble's members that had finished are not trained again (unless `t.init` warm-starts them)."""
+    an ensemble's members that had finished are not trained again (unless `t.init` warm-starts them).
+    With `t.data_fraction` below 1, only that share of the training slices is trained on
+    (`stratified_subset`): a learning curve, how much more labelled slices would add."""
+    if t.data_fraction < 1:
+        keep = stratified_subset(train_labels, t.data_fraction)
+        train_images, train_labels = train_images[keep], train_labels[keep]
     if t.pseudo_epochs and (unlabelled is None or not len(unlabelled)):
         raise ParamsError("train.pseudo_epochs: self-training needs unlabelled images (validation or test "
                           "slices), and none were given; set it to 0")
