@@ -47,6 +47,24 @@ def test_crops_are_the_crop_size_and_centred_on_every_class(params, slices):
     assert len(set(centres)) >= 3, centres
 
 
+def test_elastic_deformation_moves_image_and_label_together(params, slices):
+    from monai.transforms import Rand2DElasticd
+
+    _, y = slices
+    assert not any(isinstance(s, Rand2DElasticd) for s in augmentation(params.train, 64, seed=0).transforms)
+    aug = augmentation(params.override({"train.aug_elastic": 0.05}).train, 64, seed=0)
+    elastic = next(s for s in aug.transforms if isinstance(s, Rand2DElasticd))
+    image, label = torch.from_numpy(y[:1] / 3.0).float(), torch.from_numpy(y[:1])
+    changed = []
+    for _ in range(8):  # the image is the label map: bilinear and nearest resampling of one displacement field
+        out = elastic({"image": image.clone(), "label": label.clone()})
+        moved, warped = out["label"].numpy(), out["image"].numpy()
+        assert set(np.unique(moved)) <= {0, 1, 2, 3}
+        assert (np.abs(warped - moved / 3.0) < 0.2).mean() > 0.95
+        changed.append((moved != y[:1]).mean())
+    assert 0 < max(changed) < 0.5, changed
+
+
 def test_warmup_then_cosine_schedule(params):
     t = params.override({"train.epochs": 10, "train.warmup_epochs": 2, "train.lr": 1.0,
                          "train.optimizer": "adamw"}).train

@@ -51,8 +51,9 @@ def recipe_key(params: Params, data: str) -> str:
         del tree["train"]["pseudo_images"]
     if tree["train"]["members"] == 1:
         del tree["train"]["members"]
-    if tree["train"]["data_fraction"] == 1:
-        del tree["train"]["data_fraction"]
+    for key, off in (("data_fraction", 1), ("aug_elastic", 0)):
+        if tree["train"][key] == off:
+            del tree["train"][key]
     return hashlib.sha256(json.dumps([tree, data], sort_keys=True).encode()).hexdigest()[:16]
 
 

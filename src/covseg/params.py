@@ -96,6 +96,7 @@ class Train(Section):
     aug_scale: float = Field(ge=0, lt=1)
     aug_gamma: float = Field(ge=0, lt=1)
     aug_intensity: float = Field(ge=0, lt=1)
+    aug_elastic: float = Field(ge=0, le=0.1)
     scale: float = Field(gt=0, le=1)
     select: Literal["last", "best"]
     val_every: int = Field(ge=1)

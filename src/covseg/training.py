@@ -17,6 +17,7 @@ import torch
 from monai.data import Dataset, list_data_collate
 from monai.transforms import (
     Compose,
+    Rand2DElasticd,
     RandAdjustContrastd,
     RandAffined,
     RandCropByLabelClassesd,
@@ -62,7 +63,7 @@ def augmentation(t: Train, size: int, seed: int) -> Compose | None:
     """MONAI transforms of a {'image', 'label'} pair (labels by nearest): random crops of `t.crop`
     pixels centred on a pixel of each class in proportion to `t.crop_ratios` (so findings are sampled
     more often than their share of the slice), then, with
-    `t.augment`, flips, rotation / scale / shift, gamma, intensity and noise."""
+    `t.augment`, flips, rotation / scale / shift, elastic deformation, gamma, intensity and noise."""
     keys = ["image", "label"]
     steps = []
     if t.crop and t.crop < size:
@@ -76,6 +77,11 @@ def augmentation(t: Train, size: int, seed: int) -> Compose | None:
                         translate_range=(16, 16), mode=("bilinear", "nearest"),
                         padding_mode="border"),
         ]
+        if t.aug_elastic:  # control points a quarter of the side apart, moved by N(0, 1) x up to this share of it
+            side = min(t.crop or size, size)
+            steps.append(Rand2DElasticd(keys, spacing=(side // 4, side // 4),
+                                        magnitude_range=(t.aug_elastic * side / 2, t.aug_elastic * side), prob=0.5,
+                                        mode=("bilinear", "nearest"), padding_mode="border"))
         if t.aug_gamma:
             steps.append(RandAdjustContrastd(["image"], prob=0.3, gamma=(1 - t.aug_gamma, 1 + t.aug_gamma)))
         if t.aug_intensity:
