@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from covseg.atomic import atomic_output, write_json
 from covseg.crossval import CV_METRICS, recipe_key
 from covseg.data import fingerprint
@@ -151,6 +153,32 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired(results: dict[str, dict], pair: str) -> dict:
+    """'A:B': per measure, A's score less B's on every fold both ran (the same held-out slices): mean, standard
+    deviation and on how many folds A was higher."""
+    a, b = pair.split(":")
+    if a not in results or b not in results:
+        raise SystemExit(f"--pairs {pair}: both sets must be among --sets and have finished folds")
+    fa, fb = ({f["fold"]: f for f in results[n]["per_fold"]} for n in (a, b))
+    folds = sorted(fa.keys() & fb.keys())
+    out = {"folds": folds}
+    for m in CV_METRICS:
+        d = np.array([fa[k][m] - fb[k][m] for k in folds])
+        out[m] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                  "higher": int((d > 0).sum())}
+    return out
+
+
+def pairs_table(diffs: dict[str, dict]) -> str:
+    lines = ["| A against B (folds) | " + " | ".join(f"Δ {m}" for m in CV_METRICS) + " |",
+             "|" + "---|" * (len(CV_METRICS) + 1)]
+    for pair, d in diffs.items():
+        cells = [f"{d[m]['mean']:+.3f} ± {d[m]['std']:.3f} ({d[m]['higher']}/{len(d['folds'])})" for m in CV_METRICS]
+        lines.append(f"| {pair.replace(':', ' against ')} ({', '.join(map(str, d['folds']))}) | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a Kaggle-layout folder of labelled slices")
@@ -159,6 +187,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="folds run at once (one CPU thread each when > 1)")
     parser.add_argument("--partial", nargs="*", default=[], metavar="SET",
                         help="sets summarised over the folds already in OUT_DIR/cv (not run)")
+    parser.add_argument("--pairs", nargs="*", default=[], metavar="A:B",
+                        help="also report set A less set B fold by fold (both among --sets): the lever A adds")
     parser.add_argument("--deadline", type=float, help="seconds after which running folds are stopped")
     parser.add_argument("--run-only", action="store_true",
                         help="run the folds but write no summary (summarise later, e.g. on another machine)")
@@ -175,8 +205,9 @@ def main() -> None:
     if args.run_only:
         return
     results = {parse_spec(s)[0]: r for s in args.sets if (r := summarise(args.data, s, folds, args.out_dir))}
+    diffs = {pair: paired(results, pair) for pair in args.pairs}
     summary = {"machine": where.read_text().strip() if where.is_file() else machine(), "data": args.data,
-               "folds": folds, "sets": args.sets,
+               "folds": folds, "sets": args.sets, "pairs": diffs,
                "results": {n: {k: v for k, v in s.items() if k not in ("per_fold", "params")} | {
                    "per_fold": [{k: f[k] for k in (*CV_METRICS, "fold", "seconds")} for f in s["per_fold"]]}
                    for n, s in results.items()}}
@@ -186,7 +217,9 @@ def main() -> None:
                        f"Machine: {summary['machine']}. Mean ± standard deviation over folds; per-slice Dice "
                        "over the slices that have the class. 'training s / fold' is wall time as run (with "
                        "--jobs, folds side by side, other work beside them): not a speed figure.\n\n"
-                       + table(results))
+                       + table(results)
+                       + (("\nPaired by fold: set A's score less set B's on the same held-out slices, mean ± std "
+                           "over folds (on how many A was higher).\n\n" + pairs_table(diffs)) if diffs else ""))
     print((args.out_dir / "accuracy.md").read_text())
 
 

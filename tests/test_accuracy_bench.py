@@ -23,6 +23,19 @@ def test_a_spec_is_a_set_with_overrides():
     assert cmd[cmd.index("--folds") + 1] == "3" and cmd[cmd.index("--out") + 1].endswith("w.json")
 
 
+def test_a_pair_is_the_per_fold_difference_on_the_folds_both_ran():
+    def result(scores: dict[int, float]) -> dict:
+        return {"per_fold": [{"fold": k, **{m: v for m in accuracy.CV_METRICS}} for k, v in scores.items()]}
+
+    results = {"new": result({0: 0.5, 1: 0.6, 2: 0.4, 4: 0.9}), "old": result({0: 0.4, 1: 0.7, 2: 0.1, 3: 0.5})}
+    d = accuracy.paired(results, "new:old")
+    assert d["folds"] == [0, 1, 2] and d["kaggle_f1"]["higher"] == 2
+    assert d["dice_ggo"]["mean"] == pytest.approx(0.1) and d["dice_ggo"]["std"] == pytest.approx(0.2)
+    assert "| new against old (0, 1, 2) | +0.100 ± 0.200 (2/3) |" in accuracy.pairs_table({"new:old": d})
+    with pytest.raises(SystemExit, match="new:gone"):
+        accuracy.paired(results, "new:gone")
+
+
 def done(out_dir, spec: str, folds: int) -> list[int]:
     return accuracy.finished_folds(out_dir, accuracy.parse_spec(spec)[0], folds, accuracy.recipe_of("raw", spec))
 
