@@ -45,6 +45,8 @@ def recipe_key(params: Params, data: str) -> str:
     # what did not exist yet, when off, leaves the key of the results made before it as it was
     if not any(tree["model"]["class_bias"]):
         tree["model"] = {k: v for k, v in tree["model"].items() if k != "class_bias"}
+    if not tree["model"]["residual"]:
+        del tree["model"]["residual"]
     if not tree["train"]["pseudo_epochs"]:
         tree["train"] = {k: v for k, v in tree["train"].items() if not k.startswith("pseudo_")}
     elif tree["train"]["pseudo_images"] == "test_and_val":  # the first self-training results had no choice

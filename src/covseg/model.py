@@ -1,4 +1,5 @@
-"""The seed's plain U-Net (3x3 convs, 2x2 max-pool, transposed-conv upsampling, skips) and inference."""
+"""The seed's plain U-Net (3x3 convs, 2x2 max-pool, transposed-conv upsampling, skips; optionally residual
+blocks) and inference."""
 from __future__ import annotations
 
 import json
@@ -21,17 +22,36 @@ def _norm(kind: str, channels: int) -> nn.Module:
             "none": nn.Identity}[kind]()
 
 
+class Residual(nn.Module):
+    """Two 3x3 convs with a shortcut around them (a 1x1 conv where the width changes), as a ResNet block."""
+
+    def __init__(self, cin: int, cout: int, norm: str):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout))
+        self.skip = nn.Identity() if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=norm == "none"),
+                                                                    _norm(norm, cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.skip(x))
+
+
 class UNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES, base_channels: int = 16,
-                 depth: int = 4, norm: str = "batch"):
+                 depth: int = 4, norm: str = "batch", residual: bool = False):
         super().__init__()
         if norm not in ("batch", "instance", "none"):
             raise ValueError(f"model.norm must be batch, instance or none, got {norm!r}")
         self.config = dict(in_channels=in_channels, num_classes=num_classes,
                            base_channels=base_channels, depth=depth, norm=norm)
+        if residual:  # a checkpoint of the plain net keeps the config (and weights) it always had
+            self.config["residual"] = True
         widths = [base_channels * 2 ** i for i in range(depth + 1)]
 
-        def block(cin: int, cout: int) -> nn.Sequential:
+        def block(cin: int, cout: int) -> nn.Module:
+            if residual:
+                return Residual(cin, cout, norm)
             return nn.Sequential(
                 nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout), nn.ReLU(inplace=True),
                 nn.Conv2d(cout, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout), nn.ReLU(inplace=True))
@@ -59,7 +79,7 @@ class UNet(nn.Module):
 
 
 def build_model(m: ModelParams) -> UNet:
-    return UNet(base_channels=m.base_channels, depth=m.depth, norm=m.norm)
+    return UNet(base_channels=m.base_channels, depth=m.depth, norm=m.norm, residual=m.residual)
 
 
 class Ensemble(nn.Module):

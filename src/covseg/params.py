@@ -71,6 +71,7 @@ class ModelParams(Section):
     base_channels: int = Field(ge=1, le=256)
     depth: int = Field(ge=1, le=7)
     norm: Literal["batch", "instance", "none"]
+    residual: bool
     tta: bool
     min_island: int = Field(ge=0)
     class_bias: list[Annotated[float, Field(ge=-10, le=10)]] = Field(min_length=NUM_CLASSES, max_length=NUM_CLASSES)
