@@ -26,6 +26,12 @@ def lesion_burden(labels: np.ndarray) -> np.ndarray:
     return np.stack([(flat == 0).mean(1), (flat == 1).mean(1)], axis=1)
 
 
+def burden_order(labels: np.ndarray) -> np.ndarray:
+    """Slice indices sorted by (has consolidation, total lesion burden): the order folds are dealt in."""
+    burden = lesion_burden(labels)
+    return np.lexsort((burden.sum(1), burden[:, 1] > 0))
+
+
 def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Fold number of every slice, stratified by lesion burden.
 
@@ -36,8 +42,7 @@ def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     if folds < 2 or folds > len(labels):
         raise ParamsError(f"split.folds = {folds} is not allowed: must be between 2 and the number of labelled "
                           f"slices ({len(labels)})")
-    burden = lesion_burden(labels)
-    order = np.lexsort((burden.sum(1), burden[:, 1] > 0))
+    order = burden_order(labels)
     rng = np.random.default_rng(seed)
     fold_of = np.empty(len(labels), dtype=np.int64)
     for start in range(0, len(order), folds):
@@ -49,12 +54,11 @@ def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 def stratified_subset(labels: np.ndarray, fraction: float) -> np.ndarray:
     """The indices of `fraction` of the slices (at least one), spread evenly over the burden order of
     `assign_folds`, so the subset spans the whole range of burden as the folds do."""
-    burden = lesion_burden(labels)
     rank = np.arange(len(labels))
     kept = np.floor((rank + 1) * fraction) > np.floor(rank * fraction)
     if not kept.any():
         kept[-1] = True
-    return np.sort(np.lexsort((burden.sum(1), burden[:, 1] > 0))[kept])
+    return np.sort(burden_order(labels)[kept])
 
 
 def preprocess(raw: RawData, out_dir: str | Path, win: Window, split: Split, seed: int) -> dict:
