@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from covseg.data import load_raw, one_hot_to_index
-from covseg.preprocessing import assign_folds, lesion_burden, load_processed, preprocess, stratified_subset, window
+from covseg.preprocessing import (
+    assign_folds,
+    lesion_burden,
+    load_processed,
+    member_subsets,
+    preprocess,
+    stratified_subset,
+    window,
+)
 
 
 def test_window_by_hand():
@@ -74,3 +82,15 @@ def test_preprocess_writes_split(tmp_path, tiny_raw, params):
     labels = one_hot_to_index(raw.masks)
     assert np.array_equal(y_val, labels[summary["val_index"]])
     assert json.loads((tmp_path / "processed" / "split.json").read_text())["fold"] == params.split.fold
+
+
+def test_member_subsets_leave_out_a_different_fold_each_and_together_cover_every_slice():
+    labels = _labels([(i, i % 3) for i in range(15)])
+    same = member_subsets(labels, 2, 0, seed=1)
+    assert [s.tolist() for s in same] == [list(range(15))] * 2
+    subsets = member_subsets(labels, 3, 5, seed=1)
+    fold_of = assign_folds(labels, 5, 1)
+    assert [len(s) for s in subsets] == [12, 12, 12]
+    for k, s in enumerate(subsets):
+        assert set(s) == set(np.flatnonzero(fold_of != k))
+    assert set().union(*map(set, subsets)) == set(range(15))

@@ -490,6 +490,32 @@ def test_data_fraction_trains_every_member_on_that_stratified_share_of_the_slice
         params.override({"train.data_fraction": 0})
 
 
+def test_member_folds_trains_member_k_on_every_slice_but_fold_k(params, slices, tmp_path, monkeypatch):
+    from covseg import training
+    from covseg.preprocessing import assign_folds
+
+    x, y = slices
+    seen, member = [], training._train_member
+    monkeypatch.setattr(training, "_train_member", lambda t, m, xs, ys, *a, **k: seen.append(ys) or member(
+        t, m, xs, ys, *a, **k))
+    p = params.override({**TINY_TRAIN, "train.epochs": 1, "train.members": 2, "train.member_folds": 3})
+    train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "folds.pt")
+    fold_of = assign_folds(y[:6], 3, p.seed)
+    assert len(seen) == 2 and [len(s) for s in seen] == [4, 4]
+    for k, ys in enumerate(seen):
+        assert np.array_equal(ys, y[:6][fold_of != k]), f"member {k} trains on all but fold {k}"
+    assert not np.array_equal(seen[0], seen[1])
+    with pytest.raises(ParamsError, match="train.member_folds"):
+        params.override({"train.members": 3, "train.member_folds": 2})  # two members would leave out one fold
+    with pytest.raises(ParamsError, match="train.member_folds"):
+        params.override({"train.member_folds": 1})
+    with pytest.raises(ParamsError, match="train.member_folds = 7 is more than the 6 training slices"):
+        train(**{"t": params.override({**TINY_TRAIN, "train.member_folds": 7}).train, "m": p.model, "seed": 0,
+                 "train_images": x[:6], "train_labels": y[:6], "val_images": x[6:], "val_labels": y[6:],
+                 "checkpoint": tmp_path / "no.pt"})
+    assert not (tmp_path / "no.pt").exists()
+
+
 def test_a_killed_ensemble_resumes_without_training_its_finished_members_again(params, slices, tmp_path, monkeypatch):
     x, y = slices
     p = params.override({**TINY_TRAIN, "train.members": 2})

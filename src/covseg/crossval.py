@@ -27,7 +27,7 @@ from covseg.evaluation import confusion_matrix, dice_metrics, per_slice_table, s
 from covseg.model import Ensemble, Segmenter, load_checkpoint, members, pick_device, predict_labels, predict_logits
 from covseg.names import DICE, KAGGLE_F1
 from covseg.params import Params
-from covseg.preprocessing import assign_folds, stratified_subset, window
+from covseg.preprocessing import assign_folds, member_subsets, stratified_subset, window
 from covseg.training import train, unlabelled_images, uses_bf16
 from covseg.validation import validate_raw
 
@@ -53,7 +53,7 @@ def recipe_key(params: Params, data: str) -> str:
         del tree["train"]["pseudo_images"]
     if tree["train"]["members"] == 1:
         del tree["train"]["members"]
-    for key, off in (("data_fraction", 1), ("aug_elastic", 0)):
+    for key, off in (("data_fraction", 1), ("aug_elastic", 0), ("member_folds", 0)):
         if tree["train"][key] == off:
             del tree["train"][key]
     return hashlib.sha256(json.dumps([tree, data], sort_keys=True).encode()).hexdigest()[:16]
@@ -86,8 +86,10 @@ def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndar
             np.savez_compressed(f, logits=raw.astype(np.float16), labels=labels[va],
                                 ids=np.asarray([ids[i] for i in va]), recipe=recipe)
     preds = model.postprocess(torch.from_numpy(logits)).numpy()
-    trained = len(stratified_subset(labels[tr], params.train.data_fraction))  # all of them at 1
-    metrics = {**_scores(labels[va], preds), "fold": fold, "train_slices": trained, "val_slices": len(va),
+    kept = labels[tr][stratified_subset(labels[tr], params.train.data_fraction)]  # all of them at 1
+    per_member = [len(s) for s in member_subsets(kept, params.train.members, params.train.member_folds, params.seed)]
+    metrics = {**_scores(labels[va], preds), "fold": fold, "train_slices": len(kept), "member_slices": per_member,
+               "val_slices": len(va),
                "epoch": int(ckpt["epoch"]), "bf16": uses_bf16(params.train),
                "seconds": round(time.perf_counter() - start, 1),
                "epoch_seconds": float(history["seconds"].mean())}

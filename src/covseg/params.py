@@ -103,6 +103,7 @@ class Train(Section):
     val_every: int = Field(ge=1)
     members: int = Field(ge=1, le=MAX_MEMBERS)
     data_fraction: float = Field(gt=0, le=1)
+    member_folds: int = Field(ge=0)
     pseudo_epochs: int = Field(ge=0)
     pseudo_confidence: float = Field(ge=0, lt=1)
     pseudo_images: Literal["test", "test_and_val"]
@@ -123,6 +124,14 @@ class Train(Section):
         if value > 1 and info.data.get("select") == "best":
             raise ValueError("must be 1 with train.select: best (each member would keep an epoch of its own); "
                              "use train.select: last")
+        return value
+
+    @field_validator("member_folds")
+    @classmethod
+    def _a_fold_per_member(cls, value: int, info: ValidationInfo) -> int:
+        if value and value < max(2, info.data.get("members", 1)):
+            raise ValueError("must be 0 (every member trains on all the training slices) or at least 2 and at "
+                             "least train.members (member k leaves out fold k, so each member leaves out another)")
         return value
 
     @field_validator("device")

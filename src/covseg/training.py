@@ -49,7 +49,7 @@ from covseg.model import (
 )
 from covseg.names import IGNORE_LABEL, KAGGLE_F1, NUM_CLASSES, SHORT
 from covseg.params import ModelParams, Train
-from covseg.preprocessing import stratified_subset
+from covseg.preprocessing import member_subsets, stratified_subset
 
 
 def set_seed(seed: int) -> None:
@@ -264,16 +264,19 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
     data resumes from it (its earlier epochs are passed to `on_epoch` again), to the same result;
     an ensemble's members that had finished are not trained again (unless `t.init` warm-starts them).
     With `t.data_fraction` below 1, only that share of the training slices is trained on
-    (`stratified_subset`): a learning curve, how much more labelled slices would add."""
+    (`stratified_subset`): a learning curve, how much more labelled slices would add.
+    With `t.member_folds` K, member k leaves out fold k of those slices dealt into K folds (`member_subsets`):
+    a fold ensemble, whose members see different slices."""
     if t.data_fraction < 1:
         keep = stratified_subset(train_labels, t.data_fraction)
         train_images, train_labels = train_images[keep], train_labels[keep]
     if t.pseudo_epochs and (unlabelled is None or not len(unlabelled)):
         raise ParamsError("train.pseudo_epochs: self-training needs unlabelled images (validation or test "
                           "slices), and none were given; set it to 0")
-    args = (t, m, train_images, train_labels, val_images, val_labels)
+    subsets = member_subsets(train_labels, t.members, t.member_folds, seed)
+    args = [(t, m, train_images[s], train_labels[s], val_images, val_labels) for s in subsets]
     if t.members == 1:
-        return pd.DataFrame(_train_member(*args, seed, checkpoint, on_epoch, state, unlabelled))
+        return pd.DataFrame(_train_member(*args[0], seed, checkpoint, on_epoch, state, unlabelled))
     last, history, nets, device = t.epochs + t.pseudo_epochs, [], [], pick_device(t.device)
     with tempfile.TemporaryDirectory(prefix="covseg-members-") as tmp:
         for k in range(t.members):
@@ -284,7 +287,7 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
 
             member_state = None if state is None else Path(state).with_name(
                 f"{Path(state).stem}.member{k}{Path(state).suffix}")
-            _train_member(*args, seed + k, Path(tmp) / f"member{k}.pt", log, member_state, unlabelled,
+            _train_member(*args[k], seed + k, Path(tmp) / f"member{k}.pt", log, member_state, unlabelled,
                           member=k)
             nets.append(load_checkpoint(Path(tmp) / f"member{k}.pt", device)[0].unet)
     model = segmenter(Ensemble(nets), t.scale, m)
