@@ -473,15 +473,23 @@ def test_an_ensemble_is_its_members_each_trained_from_its_own_seed(params, slice
     assert facts == pytest.approx(summary_metrics(confusion_matrix(y[6:], predict_labels(ens, images)))["kaggle_f1"])
 
 
-def test_data_fraction_trains_every_member_on_that_stratified_share_of_the_slices(params, slices, tmp_path,
-                                                                                  monkeypatch):
+@pytest.fixture
+def member_labels(monkeypatch) -> list:
+    """The labels each network of a training is trained on, in order (filled as train runs)."""
     from covseg import training
-    from covseg.preprocessing import stratified_subset
 
-    x, y = slices
     seen, member = [], training._train_member
     monkeypatch.setattr(training, "_train_member", lambda t, m, xs, ys, *a, **k: seen.append(ys) or member(
         t, m, xs, ys, *a, **k))
+    return seen
+
+
+def test_data_fraction_trains_every_member_on_that_stratified_share_of_the_slices(params, slices, tmp_path,
+                                                                                  member_labels):
+    from covseg.preprocessing import stratified_subset
+
+    x, y = slices
+    seen = member_labels
     p = params.override({**TINY_TRAIN, "train.epochs": 1, "train.members": 2, "train.data_fraction": 0.5})
     train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "half.pt")
     kept = stratified_subset(y[:6], 0.5)
@@ -490,14 +498,11 @@ def test_data_fraction_trains_every_member_on_that_stratified_share_of_the_slice
         params.override({"train.data_fraction": 0})
 
 
-def test_member_folds_trains_member_k_on_every_slice_but_fold_k(params, slices, tmp_path, monkeypatch):
-    from covseg import training
+def test_member_folds_trains_member_k_on_every_slice_but_fold_k(params, slices, tmp_path, member_labels):
     from covseg.preprocessing import assign_folds
 
     x, y = slices
-    seen, member = [], training._train_member
-    monkeypatch.setattr(training, "_train_member", lambda t, m, xs, ys, *a, **k: seen.append(ys) or member(
-        t, m, xs, ys, *a, **k))
+    seen = member_labels
     p = params.override({**TINY_TRAIN, "train.epochs": 1, "train.members": 2, "train.member_folds": 3})
     train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "folds.pt")
     fold_of = assign_folds(y[:6], 3, p.seed)
