@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine  # benchmarks/machine.py
 
 from covseg.atomic import atomic_output, write_json
 from covseg.crossval import CV_METRICS, recipe_key
@@ -33,12 +33,6 @@ from covseg.params import load_params, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def machine() -> str:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
 def parse_spec(spec: str) -> tuple[str, str, list[str]]:

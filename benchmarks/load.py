@@ -301,7 +301,7 @@ def load_test(root: Path, n: int = 8, epochs: int = 3, val_every: int = 2, timeo
                      "start_s": round(fr.start_time.timestamp() - ready, 1) if fr.start_time else None,
                      "end_s": round(fr.end_time.timestamp() - ready, 1) if fr.end_time else None})
     import psutil
-    from pipeline import machine  # benchmarks/pipeline.py
+    from machine import machine  # benchmarks/machine.py
 
     return {"machine": f"{machine()}, {psutil.virtual_memory().total / 2**30:.0f} GiB",
             "date": time.strftime("%Y-%m-%d"), "runs": n, "epochs": epochs, "val_every": val_every,

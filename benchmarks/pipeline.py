@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import shutil
 import tempfile
@@ -19,6 +17,7 @@ import time
 from pathlib import Path
 
 import yaml
+from machine import machine  # benchmarks/machine.py
 
 from covseg import shell
 from covseg.atomic import atomic_output, write_json
@@ -27,12 +26,6 @@ from covseg.params import apply_overrides, parse_overrides, read_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def machine() -> str:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
 def main() -> None:

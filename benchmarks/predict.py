@@ -13,14 +13,13 @@ benchmarks/results/predict.json.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine  # benchmarks/machine.py
 
 from covseg.atomic import write_json
 from covseg.names import PATHS, RAW_IMAGES
@@ -107,9 +106,7 @@ def main() -> None:
     model, _ = load_model(args.model, device)
     load_s = time.perf_counter() - start
     hu, source = slices(args.slices)
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                         f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, "
-                         f"torch {torch.__version__}",
+    result = {"machine": machine(),
               "model": args.model, "device": str(device), "threads": torch.get_num_threads(),
               "batch_size": pp.batch_size, "slice_size": list(hu.shape[1:]), "data": source,
               "model_load_s": round(load_s, 2), "rss_before_model_mb": rss_start}

@@ -1,0 +1,30 @@
+"""benchmarks/machine.py: the line every benchmark result names its machine with."""
+import sys
+from pathlib import Path
+
+import torch
+
+from covseg.model import bf16_autocast
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import machine  # noqa: E402  (benchmarks/machine.py)
+
+
+def test_cpu_model_is_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx2\n\n"
+                       "processor\t: 1\nmodel name\t: AMD EPYC 9B14\n")
+    assert machine.cpu_model(cpuinfo) == "AMD EPYC 9B14"
+
+
+def test_cpu_model_without_cpuinfo_is_not_empty(tmp_path):
+    assert machine.cpu_model(tmp_path / "missing")
+
+
+def test_machine_names_the_cpu_and_whether_it_trains_in_bfloat16():
+    line = machine.machine()
+    assert machine.cpu_model() in line
+    native = bf16_autocast(torch.device("cpu"))
+    assert ("no native bfloat16" in line) is not native and "native bfloat16" in line
+    assert torch.__version__ in line
