@@ -34,7 +34,6 @@ from covseg.params import load_params, parse_overrides
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 def parse_spec(spec: str) -> tuple[str, str, list[str]]:
     """'gpu' -> ('gpu', 'gpu', []); 'e80=default+train.epochs=80' -> ('e80', 'default', ['train.epochs=80'])."""
     if "=" not in spec.split("+")[0]:

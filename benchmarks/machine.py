@@ -1,5 +1,5 @@
 """The machine a benchmark ran on, in one line: the CPU model and whether it trains in bfloat16
-(training speed differs about 3.5x between 2-core CPUs with and without native bfloat16)."""
+(training speed differs 2.5-4x between 2-core CPUs with and without native bfloat16)."""
 from __future__ import annotations
 
 import os

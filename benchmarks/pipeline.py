@@ -27,7 +27,6 @@ from covseg.params import apply_overrides, parse_overrides, read_tree
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a Kaggle-layout folder")

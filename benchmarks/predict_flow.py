@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import yaml
+from machine import machine  # benchmarks/machine.py
 
 from covseg import shell
 from covseg.atomic import write_json
@@ -88,13 +88,6 @@ def main() -> None:
         run["speed_up"] = round(base / run["seconds"], 2)
     write_json(result, args.out)
     print(json.dumps(result["runs"]), f"-> {args.out}")
-
-
-def machine() -> str:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.uname().machine}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

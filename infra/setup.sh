@@ -39,10 +39,10 @@ if [ ! -f data/raw/images_medseg.npy ]; then
         git diff --quiet -- data.dvc 2>/dev/null || echo "setup: note: the regenerated data differ from data.dvc's version"
     fi
 fi
-# Training speed: without native bfloat16 (AVX512-BF16 or AMX) a CPU trains the default in float32, 3.5x slower.
+# Training speed: without native bfloat16 (AVX512-BF16 or AMX) a CPU trains the default in float32, 2.5-4x slower.
 if python -c "from covseg.model import bf16_autocast, pick_device; d = pick_device(); raise SystemExit(d.type != 'cpu' or bf16_autocast(d))"; then
     echo "setup: note: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so the default's two networks train"
-    echo "      in float32, about 3.5x slower: 'dvc repro' takes about 25 minutes on 2 cores instead of 10."
+    echo "      in float32: 'dvc repro' takes about 25 minutes on 2 cores (estimated) instead of about 10 with it."
     echo "      'covseg exp run fast' runs the one-network recipe instead: 9 minutes on the embedded data, 12.5 on"
     echo "      the real data, measured on such a CPU (README: Params and experiments)."
 fi
