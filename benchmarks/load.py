@@ -56,10 +56,15 @@ PRETRAIN = {"train.epochs": 40, "train.lr": 0.02, "train.val_every": 40}
 VAL_METRICS = ("val_loss", "val_f1_ggo", "val_f1_consolidation", f"val_{KAGGLE_F1}")
 
 
-def run_overrides(i: int, init: Path) -> dict:
-    """Run i's overrides: its own learning rate (0.0005 * 2**i), the shared warm start. Not its own `seed`:
-    that would deal other slices into the validation fold (the gate then refuses: too few unseen slices)."""
-    return {"train.lr": round(0.0005 * 2 ** i, 6), "train.init": str(init)}
+def run_lr(i: int) -> float:
+    """Run i's own learning rate: 0.0005 * 2**i."""
+    return round(0.0005 * 2 ** i, 6)
+
+
+def run_overrides(i: int, init: Path) -> list[str]:
+    """Run i's `-S` overrides: its own learning rate, the shared warm start. Not its own `seed`: that would
+    deal other slices into the validation fold (the gate then refuses: too few unseen slices)."""
+    return [f"train.lr={run_lr(i)}", f"train.init={init}"]
 
 
 def val_epochs(epochs: int, every: int) -> list[int]:
@@ -294,7 +299,7 @@ def load_test(root: Path, n: int = 8, epochs: int = 3, val_every: int = 2, timeo
         version = version_of.get(str(fr.id))
         decision = gate.get(version, {})
         rows.append({"flow_run": fr.name, "state": fr.state.name if fr.state else None,
-                     "lr": fr.parameters["overrides"]["train.lr"], "version": version,
+                     "lr": float(fr.parameters["overrides"][0].split("=", 1)[1]), "version": version,
                      "score": decision.get("challenger_score"), "promoted": decision.get("promoted"),
                      "champion_before": decision.get("champion_before"), "gate_rounds": decision.get("rounds"),
                      "run_s": round(fr.total_run_time.total_seconds(), 1),

@@ -22,7 +22,7 @@ from machine import machine  # benchmarks/machine.py
 from covseg import shell
 from covseg.atomic import atomic_output, write_json
 from covseg.names import HEADLINE_METRICS, PATHS, STAGES
-from covseg.params import apply_overrides, parse_overrides, read_tree
+from covseg.params import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,14 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a Kaggle-layout folder")
-    parser.add_argument("-S", "--set", action="append", default=[], help="params override key=value")
+    parser.add_argument("-S", "--set", action="append", default=[],
+                        help="as dvc exp run -S: recipe=NAME or key=value, composed from conf/")
     parser.add_argument("--name", default="pipeline_cpu")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="covseg-bench-")) / "repo"
     try:
         shell.run(["git", "clone", "-q", str(ROOT), str(work)], ROOT)
-        tree, _ = apply_overrides(read_tree(work / PATHS.params), parse_overrides(args.set), "-S")
+        tree, _ = compose(args.set, work / PATHS.conf)
         (work / PATHS.params).write_text(yaml.safe_dump(tree, sort_keys=False))
         t = time.time()
         shell.run(["covseg", "data", "import", str(Path(args.data).resolve())], work)

@@ -2,11 +2,12 @@
 
 They never re-implement a stage: each training is `dvc exp run -S ...` in a working copy of its own
 (a git clone sharing the repository's DVC cache and remote), its metrics are read from the DVC metrics
-file, the promotion gate is `covseg promote`, and results go back with `dvc exp push`. Overrides are
-checked against the params schema before anything is cloned or run.
+file, the promotion gate is `covseg promote`, and results go back with `dvc exp push`. Overrides are the
+`-S` strings of `dvc exp run` (["recipe=gpu", "train.epochs=3"]), checked as data and composed with the
+repository's recipes (conf/) against the params schema before anything is cloned or run.
 
     train           one run (the `train/gpu` deployment; `train/nightly` retrains when the data changed)
-    sweep           a list of param sets, each its own `train/gpu` run on the pool; best one promoted
+    sweep           a list of override lists, each its own `train/gpu` run on the pool; best one promoted
     cross_validate  k folds in parallel on the pool; mean and spread of kaggle_f1
 
 With no PREFECT_API_URL the same flows run locally (sweep and cross_validate then run the trainings
@@ -24,8 +25,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
-
 import covseg  # noqa: F401  (first: it turns telemetry off before Prefect reads its settings)
 
 # time for a local (ephemeral) server's first start on a small machine
@@ -37,9 +36,8 @@ from prefect.runtime import flow_run
 from covseg import registry, shell, tracking
 from covseg.data import data_version
 from covseg.errors import ParamsError
-from covseg.experiments import override_args
 from covseg.names import ENV_DEPLOYMENT, ENV_FLOW_RUN, ENV_REPO, ENV_TRACKING_URI, KAGGLE_F1, PATHS
-from covseg.params import Params, apply_overrides, check, read_tree
+from covseg.params import Params, compose
 from flows.pool import checked_deployment, launch
 
 # ------------------------------------------------------------------------------- plain helpers
@@ -54,15 +52,29 @@ def resolve_repo(repo: str | None) -> Path:
     return home
 
 
-def checked_overrides(repo: Path, overrides: dict | None, params_set: str | None = None) -> tuple[dict, Params]:
-    """Overrides checked against the params.yaml of the repository's HEAD (what a working copy runs) and
-    the schema, before anything runs. A named `params_set` (params.yaml:sets) comes first, `overrides`
-    on top of it."""
-    committed = shell.run(["git", "show", f"HEAD:{PATHS.params}"], repo, check=False)
-    tree = yaml.safe_load(committed.stdout) if committed.returncode == 0 else read_tree(repo / PATHS.params)
-    base = dict(check(tree, f"HEAD:{PATHS.params}").with_set(params_set).sets.get(params_set, {})) if params_set else {}
-    overrides = {**base, **dict(overrides or {})}
-    return overrides, apply_overrides(tree, overrides, "flow overrides")[1]
+def checked_overrides(repo: Path, overrides: list[str] | None) -> tuple[list[str], Params]:
+    """`-S` overrides (["recipe=gpu", "train.epochs=3"]) checked as data and composed with the recipes of
+    the repository's HEAD (conf/, what a working copy runs) against the schema, before anything runs."""
+    if overrides is None:
+        overrides = []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ParamsError(f"overrides {overrides!r}: expected a list of 'KEY=VALUE' strings, as dvc exp run -S "
+                          f"takes them, e.g. [\"recipe=gpu\", \"train.epochs=3\"]")
+    with tempfile.TemporaryDirectory(prefix="covseg-conf-") as tmp:
+        listed = shell.run(["git", "ls-tree", "-r", "--name-only", "HEAD", "--", PATHS.conf], repo, check=False)
+        files = listed.stdout.split() if listed.returncode == 0 else []
+        if not files:
+            raise ParamsError(f"{repo}: HEAD has no {PATHS.conf}/ (the recipes params.yaml is composed from)")
+        for name in files:
+            target = Path(tmp) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(shell.run(["git", "show", f"HEAD:{name}"], repo).stdout)
+        return list(overrides), compose(overrides, Path(tmp) / PATHS.conf)[1]
+
+
+def override_args(overrides: list[str]) -> list[str]:
+    """["recipe=gpu", "train.epochs=3"] -> ["-S", "recipe=gpu", "-S", "train.epochs=3"] (checked ones only)."""
+    return [arg for item in overrides for arg in ("-S", item)]
 
 
 def experiment_name(flow_run_name: str | None, t0: float) -> str:
@@ -125,7 +137,7 @@ def pull_data(work: Path) -> str:
 
 
 @task
-def run_pipeline(work: Path, overrides: dict, name: str, uri: str) -> dict:
+def run_pipeline(work: Path, overrides: list[str], name: str, uri: str) -> dict:
     """`dvc exp run` with checked overrides; returns the DVC metrics and the pipeline's wall time."""
     start = time.time()
     env = {ENV_TRACKING_URI: uri, ENV_FLOW_RUN: str(flow_run.get_id() or "")}
@@ -165,15 +177,14 @@ def find_result(uri: str, experiment: str, run_id: str) -> dict:
 
 
 @flow(name="train", log_prints=True)
-def train(overrides: dict | None = None, repo: str | None = None, promote: bool = True,
-          only_if_data_changed: bool = False, params_set: str | None = None,
-          allow_data_change: bool = False) -> dict:
-    """One training run of the DVC pipeline with `overrides` (e.g. {"train.epochs": 3}) on top of the
-    named `params_set` (e.g. "gpu"), if any; with `allow_data_change` the gate may compare it with a
-    champion trained on another data version."""
+def train(overrides: list[str] | None = None, repo: str | None = None, promote: bool = True,
+          only_if_data_changed: bool = False, allow_data_change: bool = False) -> dict:
+    """One training run of the DVC pipeline with `overrides` as `dvc exp run -S` takes them (e.g.
+    ["recipe=gpu", "train.epochs=3"]); with `allow_data_change` the gate may compare it with a champion
+    trained on another data version."""
     t0 = time.time()
     repo_path = resolve_repo(repo)
-    overrides, params = checked_overrides(repo_path, overrides, params_set)
+    overrides, params = checked_overrides(repo_path, overrides)
     uri = tracking.tracking_uri(repo_path)
     name = experiment_name(flow_run.get_name(), t0)
     with working_copy(repo_path) as work:
@@ -194,8 +205,8 @@ def train(overrides: dict | None = None, repo: str | None = None, promote: bool 
     return result
 
 
-def _fan_out(param_sets: list[dict], repo: Path, deployment: str | None) -> list[dict]:
-    """Each param set as its own train run: deployment runs on the pool at once, or local subflows."""
+def _fan_out(param_sets: list[list[str]], repo: Path, deployment: str | None) -> list[dict]:
+    """Each list of overrides as its own train run: deployment runs on the pool at once, or local subflows."""
     checked = [checked_overrides(repo, ps) for ps in param_sets]  # all refused before any runs
     if not deployment:
         return [{**train(overrides=ps, repo=str(repo), promote=False), "params": ps} for ps, _ in checked]
@@ -206,9 +217,9 @@ def _fan_out(param_sets: list[dict], repo: Path, deployment: str | None) -> list
 
 
 @flow(name="sweep", log_prints=True)
-def sweep(param_sets: list[dict], repo: str | None = None, deployment: str | None = "train/gpu",
+def sweep(param_sets: list[list[str]], repo: str | None = None, deployment: str | None = "train/gpu",
           promote: bool = True) -> list[dict]:
-    """Train every param set (in parallel over the pool's workers), tabulate, promote the best."""
+    """Train with every list of overrides (in parallel over the pool's workers), tabulate, promote the best."""
     repo_path = resolve_repo(repo)
     deployment = checked_deployment(deployment, "train", "sweeps and cross-validation")
     table = results_table(_fan_out(param_sets, repo_path, deployment))
@@ -224,14 +235,14 @@ def sweep(param_sets: list[dict], repo: str | None = None, deployment: str | Non
 
 
 @flow(name="cross_validate", log_prints=True)
-def cross_validate(folds: int = 5, overrides: dict | None = None, repo: str | None = None,
-                   deployment: str | None = "train/gpu", params_set: str | None = None) -> dict:
-    """k-fold cross-validation: fold i of `split.folds` = k as validation, all folds at once, of
-    params.yaml or of a named `params_set` (the same as `covseg cv`, spread over the pool)."""
+def cross_validate(folds: int = 5, overrides: list[str] | None = None, repo: str | None = None,
+                   deployment: str | None = "train/gpu") -> dict:
+    """k-fold cross-validation: fold i of `split.folds` = k as validation, all folds at once, of the
+    recipe and keys `overrides` choose (the same as `covseg cv`, spread over the pool)."""
     repo_path = resolve_repo(repo)
     deployment = checked_deployment(deployment, "train", "sweeps and cross-validation")
-    base, _ = checked_overrides(repo_path, overrides, params_set)
-    sets = [{**base, "split.folds": folds, "split.fold": i} for i in range(folds)]
+    base, _ = checked_overrides(repo_path, overrides)
+    sets = [[*base, f"split.folds={int(folds)}", f"split.fold={i}"] for i in range(folds)]
     rows = _fan_out(sets, repo_path, deployment)
     summary = {**fold_summary([r[KAGGLE_F1] for r in rows]), "runs": rows}
     print(f"{folds}-fold {KAGGLE_F1} {summary[f'{KAGGLE_F1}_mean']:.4f} +- {summary[f'{KAGGLE_F1}_std']:.4f}")
@@ -239,7 +250,8 @@ def cross_validate(folds: int = 5, overrides: dict | None = None, repo: str | No
 
 
 def main(argv: list[str]) -> None:
-    """python -m flows.pipeline train '{"train.epochs": 3}' | sweep '[{...}, {...}]' | cross_validate 5 [SET]"""
+    """python -m flows.pipeline train '["train.epochs=3"]' | sweep '[["train.lr=0.002"], ["recipe=seed"]]'
+    | cross_validate 5 '["recipe=seed"]'"""
     if not argv or argv[0] not in ("train", "sweep", "cross_validate"):
         raise SystemExit(main.__doc__)
     command, arg = argv[0], (argv[1] if len(argv) > 1 else None)
@@ -249,7 +261,7 @@ def main(argv: list[str]) -> None:
     elif command == "sweep":
         result = sweep(json.loads(arg), deployment=deployment)
     else:
-        result = cross_validate(int(arg or 5), deployment=deployment, params_set=argv[2] if len(argv) > 2 else None)
+        result = cross_validate(int(arg or 5), json.loads(argv[2]) if len(argv) > 2 else None, deployment=deployment)
     print(json.dumps(result, indent=1, default=str))
 
 

@@ -43,7 +43,7 @@ fi
 if python -c "from covseg.model import bf16_autocast, pick_device; d = pick_device(); raise SystemExit(d.type != 'cpu' or bf16_autocast(d))"; then
     echo "setup: note: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so the default's two networks train"
     echo "      in float32: 'dvc repro' takes about 25 minutes on 2 cores (estimated) instead of about 10 with it."
-    echo "      'covseg exp run fast' runs the one-network recipe instead: 9 minutes on the embedded data, 12.5 on"
-    echo "      the real data, measured on such a CPU (README: Params and experiments)."
+    echo "      'dvc exp run -S recipe=fast' runs the one-network recipe instead: 9 minutes on the embedded data,"
+    echo "      12.5 on the real data, measured on such a CPU (docs/performance.md)."
 fi
 echo "setup: done. Next: . .venv/bin/activate && dvc repro"

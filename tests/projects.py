@@ -27,9 +27,10 @@ def run(cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def make_project(root: Path, overrides: dict) -> Path:
-    """A fresh git + DVC repository with the project's pipeline files, params with `overrides` applied,
-    and the synthetic data they describe recorded in data.dvc."""
-    from covseg.params import apply_overrides, read_tree
+    """A fresh git + DVC repository with the project's pipeline files, its recipes (conf/) with `overrides`
+    applied to conf/config.yaml, params.yaml composed from them, and the synthetic data they describe
+    recorded in data.dvc."""
+    from covseg.params import apply_overrides, compose, read_tree
 
     root.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml"):
@@ -40,8 +41,12 @@ def make_project(root: Path, overrides: dict) -> Path:
     (root / ".dvc").mkdir()
     for name in ("config", ".gitignore"):
         shutil.copy(ROOT / ".dvc" / name, root / ".dvc" / name)
-    tree, _ = apply_overrides(read_tree(ROOT / PATHS.params), overrides)
-    (root / PATHS.params).write_text(yaml.safe_dump(tree, sort_keys=False))
+    shutil.copytree(ROOT / PATHS.conf, root / PATHS.conf)
+    config = read_tree(ROOT / PATHS.conf / "config.yaml")
+    defaults = config.pop("defaults")
+    tree, _ = apply_overrides(config, overrides)
+    (root / PATHS.conf / "config.yaml").write_text(yaml.safe_dump({"defaults": defaults, **tree}, sort_keys=False))
+    (root / PATHS.params).write_text(yaml.safe_dump(compose([], root / PATHS.conf)[0], sort_keys=False))
     run("git init -q && git config user.email t@t && git config user.name t", root)
     run("covseg data synth", root)
     run("git add -A && git commit -qm init", root)

@@ -1,91 +1,146 @@
-"""benchmarks/accuracy.py's fold pool: set specs, longest first, a failed fold that stops nothing else,
-and a deadline that stops what still runs (stand-in commands instead of trainings)."""
+"""benchmarks/accuracy.py writes docs/accuracy.md from result files alone: checked on small synthetic results
+(paired differences fold by fold, the machine each table states, the default checked against params, the same
+page from the same files, one clear error naming a missing or garbled file)."""
 import json
-import os
+import re
 import sys
-import time
+from pathlib import Path
 
 import pytest
-from projects import ROOT
 
-from covseg.names import ENV_REAL_DATA
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy
 
-
-def test_a_spec_is_a_set_with_overrides():
-    assert accuracy.parse_spec("gpu") == ("gpu", "gpu", [])
-    assert accuracy.parse_spec("w=default+train.class_weights=[3,5,1,0.5]+train.epochs=60") == (
-        "w", "default", ["train.class_weights=[3,5,1,0.5]", "train.epochs=60"])
-    cmd = accuracy.cv_command("raw", "w=seed+train.epochs=2", [3], ROOT / "out")
-    assert cmd[cmd.index("--set") + 1] == "seed" and cmd[cmd.index("-S") + 1] == "train.epochs=2"
-    assert cmd[cmd.index("--folds") + 1] == "3" and cmd[cmd.index("--out") + 1].endswith("w.json")
+MEASURES = list(accuracy.MEASURES)
+PARAMS = {"model.base_channels": 16, "model.class_bias": "[0.0, 0.0, 0.0, 0.0]", "train.epochs": 60,
+          "train.class_weights": "[3.0, 3.0, 1.0, 0.5]", "train.amp": True}
 
 
-def test_a_pair_is_the_per_fold_difference_on_the_folds_both_ran():
-    def result(scores: dict[int, float]) -> dict:
-        return {"per_fold": [{"fold": k, **{m: v for m in accuracy.CV_METRICS}} for k, v in scores.items()]}
-
-    results = {"new": result({0: 0.5, 1: 0.6, 2: 0.4, 4: 0.9}), "old": result({0: 0.4, 1: 0.7, 2: 0.1, 3: 0.5})}
-    d = accuracy.paired(results, "new:old")
-    assert d["folds"] == [0, 1, 2] and d["kaggle_f1"]["higher"] == 2
-    assert d["dice_ggo"]["mean"] == pytest.approx(0.1) and d["dice_ggo"]["std"] == pytest.approx(0.2)
-    assert "| new against old (0, 1, 2) | +0.100 ± 0.200 (2/3) |" in accuracy.pairs_table({"new:old": d})
-    with pytest.raises(SystemExit, match="new:gone"):
-        accuracy.paired(results, "new:gone")
+def scores(value: float, **extra) -> dict:
+    return {m: value for m in MEASURES} | extra
 
 
-def done(out_dir, spec: str, folds: int) -> list[int]:
-    return accuracy.finished_folds(out_dir, accuracy.parse_spec(spec)[0], folds, accuracy.recipe_of("raw", spec))
+def write_cv(results: Path, name: str, folds: dict[int, dict], params: dict | None = None, **summary) -> None:
+    """A `covseg cv` summary with its fold files beside it."""
+    cv = results / "cv"
+    cv.mkdir(parents=True, exist_ok=True)
+    per_fold = [{**s, "fold": k} for k, s in folds.items()]
+    (cv / f"{name}.json").write_text(json.dumps({"folds": 3, "params": params or PARAMS, "per_fold": per_fold,
+                                                 **summary}))
+    for k, s in folds.items():
+        (cv / f"{name}.fold{k}.json").write_text(json.dumps({"recipe": "r", "metrics": {**s, "fold": k}}))
 
 
-def fake_folds(monkeypatch, tmp_path, behaviour: dict[str, str]):
-    """Each (set, fold) runs a stand-in: 'ok' writes its fold file, 'fail' exits 1, 'hang' sleeps."""
-    started = []
-
-    def command(data, spec, folds, out_dir):
-        name = accuracy.parse_spec(spec)[0]
-        started.append((name, folds[0]))
-        fold_file = out_dir / "cv" / f"{name}.fold{folds[0]}.json"
-        done = json.dumps({"recipe": accuracy.recipe_of(data, spec)})
-        code = {"ok": f"import pathlib; pathlib.Path({str(fold_file)!r}).write_text({done!r})",
-                "fail": "raise SystemExit(1)", "hang": "import time; time.sleep(60)"}[behaviour[name]]
-        return [sys.executable, "-c", code]
-
-    (tmp_path / "cv").mkdir(parents=True, exist_ok=True)
-    monkeypatch.setattr(accuracy, "cv_command", command)
-    return started
+def write_nested(results: Path, name: str, without: dict[int, float], with_: dict[int, float],
+                 against: str | None = None) -> None:
+    nested = {m: 0 for m in accuracy.NESTED}
+    rows = [{"fold": k, "class_bias": [1.0, 0, 0, 0], "without": {**nested, "dice_ggo": without[k]},
+             "with": {**nested, "dice_ggo": with_[k]}} for k in without]
+    path = results / f"class_bias.{name}.ggo.json"
+    path.write_text(json.dumps({"class_bias": [1.0, 0.0, 0.0, 0.0], "classes": ["ggo"], "per_fold": rows,
+                                "cv": f"benchmarks/results/cv/{name}.json"}))
+    if against:
+        path.with_suffix(".md").write_text(f"# ...\n\nAgainst class_bias.{against}.ggo.json (each with its own ...\n")
 
 
-def test_longest_recipe_first_and_a_failed_fold_stops_nothing_else(monkeypatch, tmp_path):
-    started = fake_folds(monkeypatch, tmp_path, {"seed": "ok", "bad": "fail", "default": "ok"})
-    with pytest.raises(SystemExit, match=r"bad fold \d"):  # the largest recipe, so it fails first
-        accuracy.run_all("raw", ["default", "bad=seed+train.epochs=500", "seed"], 2, 2, tmp_path, None)
-    assert [name for name, _ in started] == ["bad", "bad", "seed", "seed", "default", "default"], "longest first"
-    assert done(tmp_path, "seed", 2) == [0, 1], "the sets after the failure still ran"
-    assert done(tmp_path, "default", 2) == [0, 1]
+def make_results(results: Path, reverse: bool = False) -> Path:
+    """The default (combo2, folds 0-2), `other` (folds 0-3), their nested offsets, a pair, a machine; params.yaml.
+    With `reverse`, the files are written in the other order."""
+    steps = [
+        lambda: write_cv(results, "combo2", {0: scores(0.4), 1: scores(0.7), 2: scores(0.1)}),
+        lambda: write_cv(results, "other", {0: scores(0.5), 1: scores(0.6), 2: scores(0.4), 3: scores(0.9)},
+                         PARAMS | {"train.epochs": 40}),
+        lambda: write_nested(results, "combo2", {0: 0.4, 1: 0.7, 2: 0.1}, {0: 0.5, 1: 0.7, 2: 0.3}),
+        lambda: write_nested(results, "other", {0: 0.5, 1: 0.6, 2: 0.4}, {0: 0.6, 1: 0.9, 2: 0.4}, against="combo2"),
+        lambda: (results / "accuracy.json").write_text(json.dumps({"pairs": {"other:combo2": {}}})),
+        lambda: (results / "machine.txt").write_text("x86_64, 2 cores, no GPU\n"),
+        lambda: (results / "params.yaml").write_text(
+            "model:\n  base_channels: 16\n  class_bias: [1.0, 0, 0, 0]\ntrain:\n  epochs: 60\n"
+            "  class_weights: [3, 3, 1, 0.5]\n  amp: true\n"),
+    ]
+    results.mkdir(parents=True, exist_ok=True)
+    for step in reversed(steps) if reverse else steps:
+        step()
+    return results
 
 
-def test_the_deadline_stops_running_folds_and_finished_folds_are_not_run_again(monkeypatch, tmp_path):
-    (tmp_path / "cv").mkdir()
-    (tmp_path / "cv" / "default.fold0.json").write_text(json.dumps({"recipe": accuracy.recipe_of("raw", "default")}))
-    (tmp_path / "cv" / "default.fold1.json").write_text(json.dumps({"recipe": "of other params"}))
-    started = fake_folds(monkeypatch, tmp_path, {"default": "hang"})
-    begin = time.monotonic()
-    accuracy.run_all("raw", ["default"], 3, 2, tmp_path, deadline=2)
-    assert time.monotonic() - begin < 30, "hanging folds were stopped at the deadline"
-    assert started == [("default", 1), ("default", 2)], "fold 0 is done; fold 1 holds another recipe's results"
-    assert done(tmp_path, "default", 3) == [0]
+def page(results: Path) -> str:
+    return accuracy.render(results, results / "params.yaml", "results")
 
 
-@pytest.mark.skipif(not os.environ.get(ENV_REAL_DATA), reason=f"{ENV_REAL_DATA} is not set (the data they were run on)")
-def test_the_committed_cv_results_are_still_those_of_their_specs():
-    """A change of params.yaml or of the recipe key that made the committed folds look stale would have
-    the README's commands train them all again (hours): every set of accuracy.json finds its folds done."""
-    summary = json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text())
-    for spec in summary["sets"]:
-        name = accuracy.parse_spec(spec)[0]
-        found = accuracy.finished_folds(ROOT / "benchmarks" / "results", name, summary["folds"],
-                                        accuracy.recipe_of(os.environ[ENV_REAL_DATA], spec))
-        assert found == summary["results"][name]["folds_run"], spec
+def row(text: str, start: str) -> list[str]:
+    """The cells of the first table row whose first cell is `start`."""
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ")]
+    found = [cells for cells in rows if cells[0] == start]
+    assert found, f"no row {start!r}"
+    return found[0]
+
+
+def test_a_pair_is_the_difference_fold_by_fold_on_the_folds_both_ran(tmp_path):
+    text = page(make_results(tmp_path))
+    # other less combo2 on folds 0-2 (other's fold 3 has no partner): 0.1, -0.1, 0.3
+    cells = row(text, "other against **default** (combo2)")
+    assert cells[1:4] == ["as scored by covseg cv", "3", "+0.100 ± 0.200 (2/3)"]
+    assert cells[3:9] == ["+0.100 ± 0.200 (2/3)"] * 6
+    # each with its own nested offset (from class_bias.*.json's `with`): 0.1, 0.2, 0.1
+    nested = [line for line in text.splitlines() if "each its own nested ggo offset" in line]
+    assert len(nested) == 1 and "| +0.133 ± 0.058 (3/3) |" in nested[0]
+    assert accuracy.delta({0: {"m": 1.0}, 1: {"m": 0.0}}, {0: {"m": 0.5}, 1: {"m": 0.5}, 2: {"m": 9.0}}, "m") \
+        == "+0.000 ± 0.707 (1/2)"
+
+
+def test_the_default_table_has_its_nested_offset_and_every_run_its_folds_and_machine(tmp_path):
+    results = make_results(tmp_path)
+    (results / "cv" / "other.json").write_text(json.dumps(
+        json.loads((results / "cv" / "other.json").read_text()) | {"machine": "an H200"}))
+    text = page(results)
+    assert "Folds: 3 of 3. Machine: x86_64, 2 cores, no GPU." in text
+    assert row(text, "**default**, with the nested ground-glass offset")[1:3] == ["3", "0.500 ± 0.200"]
+    assert row(text, "**default**, with the nested ground-glass offset")[-1] == "not scored"
+    without = row(text, "without the offset (the same models, as `covseg cv` scored them)")
+    assert without[1:3] == ["3", "0.400 ± 0.300"] and without[-1] == "0.400 ± 0.300", "pooled_f1 from covseg cv"
+    gain = row(text, "what the nested offset adds, fold by fold (folds where it is higher)")
+    assert gain[2] == "+0.100 ± 0.100 (2/3)"
+    default = row(text, "**default** (combo2)")
+    assert default[1] == "3 of 3" and default[-1] == "x86_64, 2 cores, no GPU"
+    other = row(text, "other")
+    assert other[1] == "4 of 3 (0, 1, 2, 3)" and other[2] == "0.600 ± 0.216" and other[-1] == "an H200"
+    assert "`train.epochs=40`" in text
+    (results / "machine.txt").unlink()
+    assert row(page(results), "**default** (combo2)")[-1] == "not recorded"
+
+
+def generate(monkeypatch, results: Path, out: Path) -> None:
+    monkeypatch.setattr(sys, "argv", ["accuracy.py", "--results", str(results), "--out", str(out),
+                                      "--params", str(results / "params.yaml")])
+    accuracy.main()
+
+
+def test_the_same_files_give_the_same_page(tmp_path, monkeypatch):
+    one, two = make_results(tmp_path / "one"), make_results(tmp_path / "two", reverse=True)
+    assert page(one) == page(two), "whatever order the files were written in"
+    out = tmp_path / "docs" / "accuracy.md"
+    generate(monkeypatch, one, out)
+    first = out.read_bytes()
+    generate(monkeypatch, one, out)
+    assert out.read_bytes() == first and b"do not edit" in first
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda r: (r / "cv" / "other.fold1.json").write_text("{not json"), "cv/other.fold1.json: not readable JSON"),
+    (lambda r: (r / "class_bias.combo2.ggo.json").unlink(), "class_bias.combo2.ggo.json: missing"),
+    (lambda r: (r / "cv" / "other.fold2.json").write_text(json.dumps({"metrics": scores(0.41)})),
+     "cv/other.fold2.json: dice_ggo"),
+    (lambda r: (r / "cv" / "combo2.json").write_text(json.dumps({"per_fold": [{"fold": 0}]})),
+     "cv/combo2.json: unexpected content"),
+    (lambda r: (r / "accuracy.json").write_text(json.dumps({"pairs": {"gone:combo2": {}}})), "cv/gone.json is missing"),
+    (lambda r: (r / "params.yaml").write_text("model:\n  class_bias: [1.0, 0, 0, 0]\ntrain:\n  epochs: 80\n"),
+     "train.epochs (run 60, params.yaml 80)"),
+])
+def test_a_missing_or_garbled_file_is_one_error_naming_it(tmp_path, monkeypatch, damage, named):
+    results = make_results(tmp_path)
+    damage(results)
+    with pytest.raises(SystemExit, match="error: .*" + re.escape(named)):
+        generate(monkeypatch, results, tmp_path / "out.md")
+    assert not (tmp_path / "out.md").exists()

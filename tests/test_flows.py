@@ -28,7 +28,7 @@ def fake_pipeline(monkeypatch, tmp_path):
 
     def run_pipeline(work, overrides, name, uri):
         calls.append(("dvc exp run", overrides))
-        fold = overrides.get("split.fold", 0)
+        fold = int(next((o.split("=")[1] for o in overrides if o.startswith("split.fold=")), 0))
         return {"kaggle_f1": 0.5 + fold / 10, "model_version": 7, "pipeline_start": 0.0, "pipeline_end": 0.0}
 
     monkeypatch.setattr(pipeline, "working_copy", working_copy)
@@ -43,11 +43,9 @@ def fake_pipeline(monkeypatch, tmp_path):
     return calls
 
 
-def test_override_args_are_typed_values():
-    assert pipeline.override_args({"train.epochs": 3, "train.class_weights": [1, 2, 1, 1], "train.augment": False,
-                                   "train.loss": "dice_ce"}) == [
-        "-S", "train.augment=false", "-S", "train.class_weights=[1, 2, 1, 1]", "-S", "train.epochs=3",
-        "-S", 'train.loss="dice_ce"']
+def test_override_args_are_the_checked_strings_as_dvc_takes_them():
+    assert pipeline.override_args(["recipe=gpu", "train.class_weights=[1, 2, 1, 1]"]) == [
+        "-S", "recipe=gpu", "-S", "train.class_weights=[1, 2, 1, 1]"]
 
 
 def test_results_table_best_first():
@@ -63,9 +61,12 @@ def test_fold_summary():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"dvc.yaml:stages.train.cmd": "touch /tmp/pwned"}, "unknown key 'dvc.yaml:stages.train.cmd'"),
-    ({"train.loss": "foo"}, r"train\.loss = 'foo' is not allowed"),
-    ({"split.fold": 7}, r"split\.fold = 7 is not allowed"),
+    (["dvc.yaml:stages.train.cmd=touch /tmp/pwned"], "no \\+, ~ or FILE: prefixes"),
+    (["train.loss=foo"], r"train\.loss = 'foo' is not allowed"),
+    (["split.fold=7"], r"split\.fold = 7 is not allowed"),
+    (["recipe=nope"], "no such recipe"),
+    (["train.init=${oc.env:MLFLOW_TRACKING_PASSWORD}"], "may not hold an interpolation"),
+    ({"train.epochs": 3}, "expected a list of 'KEY=VALUE' strings"),
 ])
 def test_train_refuses_bad_overrides_before_cloning(fake_pipeline, overrides, message):
     with pytest.raises(ParamsError, match=message):
@@ -80,9 +81,9 @@ def test_train_refuses_another_repository(fake_pipeline, tmp_path):
 
 
 def test_train_runs_pipeline_promotes_and_pushes(fake_pipeline):
-    result = pipeline.train(overrides={"train.epochs": 2})
+    result = pipeline.train(overrides=["train.epochs=2"])
     assert [c[0] for c in fake_pipeline] == ["clone", "pull", "dvc exp run", "promote", "push"]
-    assert fake_pipeline[2] == ("dvc exp run", {"train.epochs": 2}) and fake_pipeline[3] == ("promote", 7)
+    assert fake_pipeline[2] == ("dvc exp run", ["train.epochs=2"]) and fake_pipeline[3] == ("promote", 7)
     assert result["kaggle_f1"] == 0.5 and result["promotion"]["reason"] == "promoted: test"
 
 
@@ -105,9 +106,9 @@ def test_nightly_retrains_on_new_data_and_lets_the_gate_compare_across_data_vers
 
 
 def test_cross_validate_runs_every_fold_and_summarises(fake_pipeline):
-    summary = pipeline.cross_validate(folds=3, overrides={"train.epochs": 1}, deployment=None)
+    summary = pipeline.cross_validate(folds=3, overrides=["train.epochs=1"], deployment=None)
     runs = [c[1] for c in fake_pipeline if c[0] == "dvc exp run"]
-    assert runs == [{"train.epochs": 1, "split.folds": 3, "split.fold": i} for i in range(3)]
+    assert runs == [["train.epochs=1", "split.folds=3", f"split.fold={i}"] for i in range(3)]
     assert summary["folds"] == 3 and summary["kaggle_f1_mean"] == pytest.approx(0.6)
     assert "promote" not in [c[0] for c in fake_pipeline]
 
@@ -127,14 +128,16 @@ def test_experiment_names_are_safe_git_refs():
 
 def test_sweep_refuses_every_set_before_running_any(fake_pipeline):
     with pytest.raises(ParamsError, match=r"train\.lr = -1"):
-        pipeline.sweep([{"train.lr": 0.001}, {"train.lr": -1}], deployment=None)
+        pipeline.sweep([["train.lr=0.001"], ["train.lr=-1"]], deployment=None)
     assert fake_pipeline == []
 
 
-def test_a_named_params_set_is_applied_under_the_overrides(fake_pipeline):
-    summary = pipeline.cross_validate(folds=2, overrides={"train.epochs": 3}, params_set="seed", deployment=None)
+def test_a_recipe_and_overrides_are_checked_against_the_committed_recipes(fake_pipeline, monkeypatch):
+    seen = []
+    real = pipeline.compose
+    monkeypatch.setattr(pipeline, "compose", lambda overrides, conf: seen.append(real(overrides, conf)) or seen[-1])
+    summary = pipeline.cross_validate(folds=2, overrides=["recipe=seed", "train.epochs=3"], deployment=None)
     runs = [c[1] for c in fake_pipeline if c[0] == "dvc exp run"]
-    assert len(runs) == 2 and summary["folds"] == 2
-    assert all(r["train.lr"] == 0.0001 and r["model.base_channels"] == 64 and r["train.epochs"] == 3 for r in runs)
-    with pytest.raises(ParamsError, match="no set 'nope'"):
-        pipeline.train(params_set="nope")
+    assert runs == [["recipe=seed", "train.epochs=3", "split.folds=2", f"split.fold={i}"] for i in range(2)]
+    assert summary["folds"] == 2
+    assert all(p.recipe == "seed" and p.train.lr == 0.0001 and p.train.epochs == 3 for _, p in seen)

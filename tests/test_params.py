@@ -1,10 +1,15 @@
-"""params.yaml is loaded once and checked: a bad key or value is one error naming it, before any work."""
+"""params.yaml is composed from the recipes in conf/ (as DVC does), loaded once and checked: a bad key or value
+is one error naming it, before any work; a `-S` override is data, never an interpolation or another file."""
+import shutil
+
 import pytest
 import yaml
+from projects import ROOT
 
 from covseg.cli import main
 from covseg.errors import ParamsError
-from covseg.params import apply_overrides, check, load_params, read_tree
+from covseg.names import PATHS
+from covseg.params import apply_overrides, check, compose, load_params, read_tree, recipes
 
 
 def test_project_params_are_valid(params):
@@ -21,8 +26,8 @@ def test_project_params_are_valid(params):
     ("train.epochs", "3", r"train\.epochs = '3' is not allowed: Input should be a valid integer"),
     ("train.epochs", 0, r"train\.epochs = 0 is not allowed: Input should be greater than or equal to 1"),
     ("train.scale", 1.5, r"train\.scale = 1\.5 is not allowed"),
-    ("train.pseudo_confidence", 1.0, r"train\.pseudo_confidence = 1\.0 is not allowed: .*less than 1"),
-    ("train.pseudo_epochs", -1, r"train\.pseudo_epochs = -1 is not allowed"),
+    ("train.aug_gamma", 1.0, r"train\.aug_gamma = 1\.0 is not allowed: .*less than 1"),
+    ("train.members", 0, r"train\.members = 0 is not allowed"),
     ("model.norm", "layer", r"model\.norm = 'layer' is not allowed"),
     ("window.hu_max", -2000, r"window\.hu_max = -2000 is not allowed: must be greater than window\.hu_min"),
     ("train.device", "cuda; rm -rf /", r"train\.device = 'cuda; rm -rf /' is not allowed"),
@@ -77,12 +82,64 @@ def test_missing_params_file_is_named(tmp_path):
         load_params(tmp_path / "nope.yaml")
 
 
-def test_set_overrides_are_read_as_yaml_and_a_bad_one_is_one_error():
-    from covseg.params import parse_overrides
+def test_committed_params_yaml_is_the_composed_default():
+    """`dvc repro` runs params.yaml as it is, `dvc exp run` composes it from conf/: the two must agree."""
+    tree, params = compose([], ROOT / PATHS.conf)
+    assert tree == read_tree(ROOT / PATHS.params), "params.yaml is stale: run `dvc exp run` (or compose conf/)"
+    assert params.recipe == "default"
 
-    assert parse_overrides(["train.epochs=3", "model.class_bias=[0, 1.5, 0, 0]", "train.init="]) == {
-        "train.epochs": 3, "model.class_bias": [0, 1.5, 0, 0], "train.init": None}
-    with pytest.raises(ParamsError, match="-S 'train.epochs': expected KEY=VALUE"):
-        parse_overrides(["train.epochs"])
-    with pytest.raises(ParamsError, match="not valid YAML"):
-        parse_overrides(["model.class_bias=[0, 1"])
+
+def test_every_recipe_composes_to_valid_params_that_differ_from_the_default():
+    names = recipes(ROOT / PATHS.conf)
+    assert {"default", "seed", "fast", "gpu"} <= set(names)
+    default = compose([], ROOT / PATHS.conf)[0]
+    for name in names:
+        tree, params = compose([f"recipe={name}"], ROOT / PATHS.conf)
+        assert params.recipe == name
+        assert name == "default" or {k: v for k, v in tree.items() if k != "recipe"} != {
+            k: v for k, v in default.items() if k != "recipe"}, f"recipe {name} changes nothing"
+    seed = compose(["recipe=seed"], ROOT / PATHS.conf)[1]
+    assert (seed.model.base_channels, seed.train.epochs, seed.train.lr, seed.train.loss) == (64, 130, 0.0001, "ce")
+
+
+def test_overrides_compose_on_top_of_a_recipe_with_yaml_values():
+    _, p = compose(["recipe=gpu", "train.epochs=3", "model.class_bias=[0, 1.5, 0, 0]", "train.init="],
+                   ROOT / PATHS.conf)
+    assert (p.recipe, p.model.depth, p.train.epochs, p.model.class_bias, p.train.init) == (
+        "gpu", 5, 3, [0.0, 1.5, 0.0, 0.0], "")
+
+
+@pytest.mark.parametrize("item,message", [
+    ("recipe=nope", r"no such recipe .* \(there are: default, fast, gpu, seed\)"),
+    ("train.lrr=1", "unknown key 'train.lrr'"),
+    ("defaults=[]", "unknown key 'defaults'"),
+    ("+train.extra=1", "no \\+, ~ or FILE: prefixes"),
+    ("~train.lr", "no \\+, ~ or FILE: prefixes"),
+    ("dvc.yaml:stages.train.cmd=touch /tmp/pwned", "no \\+, ~ or FILE: prefixes"),
+    ("train.init=${oc.env:AWS_SECRET_ACCESS_KEY}", "may not hold an interpolation"),
+    ("tracking.experiment=x${oc.env:HOME}", "may not hold an interpolation"),
+    ("train.epochs", "expected KEY=VALUE"),
+    ("train.epochs=0", r"train\.epochs = 0 is not allowed"),
+    ("train.lr=1,2", "Ambiguous value"),
+])
+def test_a_bad_override_is_one_error_before_anything_is_composed(item, message, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    with pytest.raises(ParamsError, match=message) as info:
+        compose([item], ROOT / PATHS.conf)
+    assert "s3cr3t" not in str(info.value) and "/root" not in str(info.value).replace(str(ROOT), "")
+
+
+def test_cv_composes_its_recipe_like_dvc_exp_run(tmp_path, monkeypatch):
+    """`covseg cv -S recipe=... -S key=...` runs what `dvc exp run` with the same -S would."""
+    from covseg import crossval
+
+    seen = {}
+    monkeypatch.setattr(crossval, "cross_validate",
+                        lambda raw, params, out, folds, name: seen.update(params=params, out=out, name=name) or {})
+    monkeypatch.setattr(crossval, "describe", lambda summary: "")
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / PATHS.conf, conf)
+    assert main(["cv", "--conf", str(conf), "-S", "recipe=seed", "-S", "train.epochs=2", "--folds", "0"]) == 0
+    assert (seen["params"].recipe, seen["params"].train.epochs, seen["name"]) == ("seed", 2, "seed")
+    assert seen["out"] == f"{PATHS.cv}/seed.json"
+    assert main(["cv", "--conf", str(conf), "-S", "train.init=${oc.env:HOME}"]) == 1

@@ -79,9 +79,10 @@ def test_editing_any_module_a_stage_runs_makes_dvc_status_name_it(project, sh, s
 
 
 def test_queued_experiments_run_in_parallel_and_carry_their_metrics(project, sh):
+    """DVC composes each experiment's params.yaml from conf/: a recipe (`-S recipe=fast`) and keys on top."""
     sh("git add -A && git commit -qm baseline", project)
-    for lr in ("0.002", "0.003"):
-        sh(f"dvc exp run --queue -S train.lr={lr} -S train.epochs=1 -n lr-{lr.replace('.', '')}", project)
+    for lr, recipe in (("0.002", " -S recipe=fast"), ("0.003", "")):
+        sh(f"dvc exp run --queue{recipe} -S train.lr={lr} -S train.epochs=1 -n lr-{lr.replace('.', '')}", project)
     sh("dvc queue start -j 2 && sleep 2 && dvc queue status && dvc exp show --no-pager > /dev/null", project)
     sh("timeout 600 bash -c 'while dvc queue status | grep -qE \"Queued|Running\"; do sleep 3; done'", project)
     status = sh("dvc queue status", project).stdout
@@ -92,10 +93,13 @@ def test_queued_experiments_run_in_parallel_and_carry_their_metrics(project, sh)
         for exp in baseline.get("experiments") or []:
             for rev in exp.get("revs", []):
                 metrics = rev["data"]["metrics"]["reports/metrics.json"]["data"]
-                found[rev["name"]] = (rev["data"]["params"]["params.yaml"]["data"]["train"]["lr"], metrics["kaggle_f1"])
+                params = rev["data"]["params"]["params.yaml"]["data"]
+                found[rev["name"]] = (params["train"]["lr"], metrics["kaggle_f1"], params["recipe"],
+                                      params["train"]["optimizer"])
     assert {"lr-0002", "lr-0003"} <= set(found), found
-    assert all(isinstance(f1, float) for _, f1 in found.values())
+    assert all(isinstance(f1, float) for _, f1, _, _ in found.values())
     assert found["lr-0002"][0] == 0.002
+    assert found["lr-0002"][2:] == ("fast", "adam") and found["lr-0003"][2:] == ("default", "adamw")
     # each experiment's commit holds its metrics and history
     assert "kaggle_f1" in sh("git show refs/exps/$(git for-each-ref --format='%(refname)' refs/exps | "
                              "grep lr-0002 | sed 's#refs/exps/##'):reports/metrics.json", project).stdout

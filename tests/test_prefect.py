@@ -80,7 +80,7 @@ def test_deployments_run_on_the_pools_workers(new_project, prefect_env, tmp_path
             # one run, triggered as a user would
             start = time.time()
             done = _prefect(["deployment", "run", "train/gpu", "--params",
-                             json.dumps({"overrides": {"train.epochs": 2}}), "--watch"], project, env)
+                             json.dumps({"overrides": ["train.epochs=2"]}), "--watch"], project, env)
             one_run = time.time() - start
             assert "Completed" in done.stdout, done.stdout
             uri = env["MLFLOW_TRACKING_URI"]
@@ -97,7 +97,7 @@ def test_deployments_run_on_the_pools_workers(new_project, prefect_env, tmp_path
 
             # a bad override is refused before anything runs: no experiment, run or version; champion unchanged
             failed = _prefect(["deployment", "run", "train/gpu", "--params",
-                               json.dumps({"overrides": {"dvc.yaml:stages.train.cmd": "touch pwned"}}), "--watch"],
+                               json.dumps({"overrides": ["dvc.yaml:stages.train.cmd=touch pwned"]}), "--watch"],
                               project, env, check=False)
             assert "Failed" in failed.stdout + failed.stderr
             assert shell.run(["git", "for-each-ref", "refs/exps"], project).stdout == refs
@@ -107,7 +107,7 @@ def test_deployments_run_on_the_pools_workers(new_project, prefect_env, tmp_path
 
             # the README's fan-out deployments, run by the control pool's worker on the gpu pool's two workers
             start = time.time()
-            sets = [{"train.epochs": 2, "train.lr": lr} for lr in (0.002, 0.004)]
+            sets = [["train.epochs=2", f"train.lr={lr}"] for lr in (0.002, 0.004)]
             _watch(["sweep/control", {"param_sets": sets}], project, env)
             sweep_time = time.time() - start
             experiment = runs[0].info.experiment_id
@@ -121,7 +121,7 @@ def test_deployments_run_on_the_pools_workers(new_project, prefect_env, tmp_path
             assert f1[gated[0].run_id] == max(f1.values())
             assert client.get_registered_model("covseg-unet").aliases["challenger"] == gated[0].version
 
-            _watch(["cross_validate/control", {"folds": 2, "overrides": {"train.epochs": 1}}], project, env)
+            _watch(["cross_validate/control", {"folds": 2, "overrides": ["train.epochs=1"]}], project, env)
             folds = [r for r in client.search_runs([runs[0].info.experiment_id]) if r.data.params["split.folds"] == "2"]
             assert sorted(r.data.params["split.fold"] for r in folds) == ["0", "1"]
             assert len(client.search_model_versions("name='covseg-unet'")) == 5

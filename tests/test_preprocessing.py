@@ -4,15 +4,7 @@ import numpy as np
 import pytest
 
 from covseg.data import load_raw, one_hot_to_index
-from covseg.preprocessing import (
-    assign_folds,
-    lesion_burden,
-    load_processed,
-    member_subsets,
-    preprocess,
-    stratified_subset,
-    window,
-)
+from covseg.preprocessing import assign_folds, lesion_burden, load_processed, preprocess, window
 
 
 def test_window_by_hand():
@@ -50,21 +42,6 @@ def test_folds_are_seeded_and_stratified():
     assert max(means) - min(means) < 0.05
 
 
-def test_a_stratified_subset_spans_the_burden_range():
-    rng = np.random.default_rng(0)
-    consolidation = rng.integers(1, 10, 40) * (np.arange(40) < 12)
-    burdens = [(int(g), int(c)) for g, c in zip(rng.integers(1, 40, 40), consolidation)]
-    labels = _labels(burdens)
-    kept = stratified_subset(labels, 0.75)
-    assert len(kept) == 30 and len(set(kept.tolist())) == 30 and np.array_equal(kept, np.sort(kept))
-    has_cons = lesion_burden(labels)[:, 1] > 0
-    assert has_cons[kept].sum() == 9  # 3/4 of the 12 slices with consolidation, not by chance
-    total = lesion_burden(labels).sum(1)
-    assert abs(total[kept].mean() - total.mean()) < 0.02 and total[kept].max() == total[~has_cons].max()
-    assert np.array_equal(stratified_subset(labels, 1.0), np.arange(40))
-    assert len(stratified_subset(labels, 0.01)) == 1
-
-
 def test_folds_reject_bad_counts():
     with pytest.raises(ValueError, match="split.folds"):
         assign_folds(_labels([(1, 0)] * 3), 5, 0)
@@ -82,15 +59,3 @@ def test_preprocess_writes_split(tmp_path, tiny_raw, params):
     labels = one_hot_to_index(raw.masks)
     assert np.array_equal(y_val, labels[summary["val_index"]])
     assert json.loads((tmp_path / "processed" / "split.json").read_text())["fold"] == params.split.fold
-
-
-def test_member_subsets_leave_out_a_different_fold_each_and_together_cover_every_slice():
-    labels = _labels([(i, i % 3) for i in range(15)])
-    same = member_subsets(labels, 2, 0, seed=1)
-    assert [s.tolist() for s in same] == [list(range(15))] * 2
-    subsets = member_subsets(labels, 3, 5, seed=1)
-    fold_of = assign_folds(labels, 5, 1)
-    assert [len(s) for s in subsets] == [12, 12, 12]
-    for k, s in enumerate(subsets):
-        assert set(s) == set(np.flatnonzero(fold_of != k))
-    assert set().union(*map(set, subsets)) == set(range(15))

@@ -1,10 +1,11 @@
 """The training recipe's levers: crops, schedule, checkpoint choice, test-time flips, island removal,
-warm start, named params sets, per-slice Dice, and cross-validation that resumes."""
+warm start, the shipped recipes, per-slice Dice, and cross-validation that resumes."""
 import json
 
 import numpy as np
 import pytest
 import torch
+from projects import ROOT
 
 from covseg.data import one_hot_to_index, synthesize
 from covseg.errors import CovsegError, ParamsError
@@ -19,11 +20,10 @@ from covseg.model import (
     predict_logits,
     save_checkpoint,
 )
-from covseg.names import IGNORE_LABEL
-from covseg.params import check, read_tree
+from covseg.names import PATHS
+from covseg.params import compose, recipes
 from covseg.preprocessing import window
-from covseg.training import _loader as make_loader
-from covseg.training import augmentation, make_loss, make_optimizer, pseudo_labels, train, uses_bf16
+from covseg.training import augmentation, make_loss, make_optimizer, train, uses_bf16
 
 TINY_TRAIN = {"model.base_channels": 4, "model.depth": 2, "train.epochs": 3, "train.crop": 32,
               "train.val_every": 2, "train.warmup_epochs": 1, "train.members": 1}
@@ -45,24 +45,6 @@ def test_crops_are_the_crop_size_and_centred_on_every_class(params, slices):
     assert len(crops) == 8 and all(c["image"].shape == (1, 32, 32) for c in crops)
     centres = [int(c["label"][0, 16, 16]) for c in crops]  # RandCropByLabelClasses: centre on a class
     assert len(set(centres)) >= 3, centres
-
-
-def test_elastic_deformation_moves_image_and_label_together(params, slices):
-    from monai.transforms import Rand2DElasticd
-
-    _, y = slices
-    assert not any(isinstance(s, Rand2DElasticd) for s in augmentation(params.train, 64, seed=0).transforms)
-    aug = augmentation(params.override({"train.aug_elastic": 0.05}).train, 64, seed=0)
-    elastic = next(s for s in aug.transforms if isinstance(s, Rand2DElasticd))
-    image, label = torch.from_numpy(y[:1] / 3.0).float(), torch.from_numpy(y[:1])
-    changed = []
-    for _ in range(8):  # the image is the label map: bilinear and nearest resampling of one displacement field
-        out = elastic({"image": image.clone(), "label": label.clone()})
-        moved, warped = out["label"].numpy(), out["image"].numpy()
-        assert set(np.unique(moved)) <= {0, 1, 2, 3}
-        assert (np.abs(warped - moved / 3.0) < 0.2).mean() > 0.95
-        changed.append((moved != y[:1]).mean())
-    assert 0 < max(changed) < 0.5, changed
 
 
 def test_warmup_then_cosine_schedule(params):
@@ -112,10 +94,7 @@ def test_warm_start_from_another_network_is_one_clear_error(params, slices, tmp_
         train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "m.pt")
 
 
-# ------------------------------------------------------------------------------------------ self-training
-
-
-def test_the_loss_is_monais_dice_ce_and_ignores_unsure_pixels(params):
+def test_the_loss_is_monais_dice_ce_or_the_seeds_cross_entropy(params):
     from monai.losses import DiceCELoss
 
     torch.manual_seed(0)
@@ -127,50 +106,6 @@ def test_the_loss_is_monais_dice_ce_and_ignores_unsure_pixels(params):
         reference = (DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)(logits, target[:, None])
                      if loss == "dice_ce" else torch.nn.functional.cross_entropy(logits, target, weight=weight))
         assert fn(logits, target) == pytest.approx(float(reference), rel=1e-6), loss
-        unsure = target.clone()
-        unsure[:, :8] = IGNORE_LABEL
-        other = logits.clone()
-        other[:, :, :8] = torch.randn(2, 4, 8, 16) * 5  # what the model says where the label is unsure
-        assert fn(logits, unsure) == pytest.approx(float(fn(other, unsure)), rel=1e-6), loss
-        assert fn(logits, unsure) != pytest.approx(float(fn(logits, target)), rel=1e-3), loss
-
-
-def test_pseudo_labels_are_the_models_own_where_it_is_confident():
-    torch.manual_seed(0)
-    model = Segmenter(UNet(base_channels=2, depth=1), class_bias=[2.0, 0.0, 0.0, 0.0]).eval()
-    images = np.random.default_rng(0).random((3, 16, 16), dtype=np.float32)
-    logits = torch.from_numpy(predict_logits(model, images))
-    threshold = float(logits.softmax(1).amax(1).median())  # half the pixels sure, half unsure
-    labels = pseudo_labels(model, images, threshold, 2, torch.device("cpu"))
-    confident = logits.softmax(1).amax(1) >= threshold
-    assert torch.equal(labels[confident], logits.argmax(1)[confident].byte()), "the model's labels, bias included"
-    assert (labels[~confident] == IGNORE_LABEL).all()
-
-
-def test_self_training_labels_the_unlabelled_images_and_trains_on_them(params, slices, tmp_path, monkeypatch):
-    from covseg import training
-
-    x, y = slices
-    p = params.override({**TINY_TRAIN, "train.pseudo_epochs": 2, "train.pseudo_confidence": 0.3})
-    labelled, seen_images = [], []
-
-    def spy(model, images, *args):
-        seen_images.append(images)
-        labels = pseudo_labels(model, images, *args)
-        labels[0] = IGNORE_LABEL  # a slice the model is sure of nowhere: left out
-        return labels
-
-    monkeypatch.setattr(training, "pseudo_labels", spy)
-    monkeypatch.setattr(training, "_loader", lambda x_, y_, *a: labelled.append(len(x_)) or make_loader(x_, y_, *a))
-    history = train(p.train, p.model, p.seed, x[:5], y[:5], x[5:6], y[5:6], tmp_path / "m.pt", unlabelled=x[6:])
-    assert history["epoch"].tolist() == [1, 2, 3, 4, 5]
-    assert history.dropna(subset=["val_loss"])["epoch"].tolist() == [2, 3, 4, 5], "the teacher is scored too"
-    assert len(seen_images) == 1 and np.array_equal(seen_images[0], x[6:]), "labelled once, after epoch 3"
-    assert labelled == [5, 5 + 1], "then the labelled and the unlabelled slices (with a sure pixel) together"
-    assert history["lr"].iloc[3] > history["lr"].iloc[2], "a second cosine from train.lr"
-    assert load_checkpoint(tmp_path / "m.pt")[1]["epoch"] == 5
-    with pytest.raises(ParamsError, match="train.pseudo_epochs"):
-        train(p.train, p.model, p.seed, x[:5], y[:5], x[5:6], y[5:6], tmp_path / "n.pt")
 
 
 # ------------------------------------------------------------------------------------------ inference
@@ -241,50 +176,17 @@ def test_per_slice_dice_ignores_slices_without_the_class():
     assert dice_metrics(labels, preds) == pytest.approx({"dice_ggo": 2 / 3, "dice_consolidation": 1.0})
 
 
-# ------------------------------------------------------------------------------------------ params sets
+# ------------------------------------------------------------------------------------------ recipes
 
 
-def test_every_shipped_set_gives_valid_params(params):
-    assert {"seed", "old_default", "gpu"} <= set(params.sets)
-    seed = params.with_set("seed")
-    assert (seed.model.base_channels, seed.train.epochs, seed.train.lr, seed.train.loss) == (64, 130, 1e-4, "ce")
-    assert not seed.train.augment and seed.train.batch_size == 2
-    assert "sets.seed" not in str(params.flat()), "sets are not logged as run params"
-
-
-@pytest.mark.parametrize("name", ["seed", "old_default", "crops", "gpu"])
-def test_every_shipped_set_trains(params, slices, tmp_path, name):
-    """Each set's own data path (no augmentation, crops, whole slices), shrunk to a tiny network."""
-    p = params.with_set(name).override({"model.base_channels": 4, "model.depth": 2, "train.epochs": 1,
-                                        "train.device": "cpu", "train.crop": min(params.with_set(name).train.crop, 32)})
+@pytest.mark.parametrize("name", recipes(ROOT / PATHS.conf))
+def test_every_shipped_recipe_trains(slices, tmp_path, name):
+    """Each recipe's own data path (no augmentation, crops, whole slices), shrunk to a tiny network."""
+    _, p = compose([f"recipe={name}", "model.base_channels=4", "model.depth=2", "train.epochs=1", "train.members=1",
+                    "train.device=cpu"], ROOT / PATHS.conf)
     x, y = slices
     history = train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "m.pt")
     assert len(history) == 1 and np.isfinite(history["train_loss"]).all()
-
-
-def test_a_bad_set_is_refused_with_its_name_and_key():
-    tree = read_tree()
-    tree["sets"]["fast"] = {"train.epochs": 0}
-    with pytest.raises(ParamsError, match=r"sets\.fast.*train\.epochs = 0 is not allowed"):
-        check(tree)
-    tree["sets"]["fast"] = {"dvc.yaml:stages.train.cmd": "rm -rf /"}
-    with pytest.raises(ParamsError, match=r"sets\.fast: unknown key"):
-        check(tree)
-
-
-def test_exp_run_passes_the_set_as_checked_overrides(params, monkeypatch):
-    from covseg import experiments
-
-    calls = []
-    monkeypatch.setattr(experiments.subprocess, "run", lambda cmd, check: calls.append(cmd) or
-                        type("P", (), {"returncode": 0})())
-    experiments.run_set(params, "seed")
-    assert calls[0][:5] == ["dvc", "exp", "run", "-n", "seed"]
-    assert "train.lr=0.0001" in calls[0] and 'train.loss="ce"' in calls[0]
-    with pytest.raises(ParamsError, match="no set 'nope'"):
-        experiments.run_set(params, "nope")
-    with pytest.raises(ParamsError, match="experiment name"):
-        experiments.run_set(params, "seed", exp_name="x; rm -rf /")
 
 
 # ------------------------------------------------------------------------------------------ cross-validation
@@ -325,64 +227,43 @@ def test_cross_validation_reports_mean_and_spread_and_resumes(params, tiny_raw, 
         crossval.cross_validate(tiny_raw, p, out, folds=[3])
 
 
-@pytest.mark.parametrize("pool", ["test", "test_and_val"])
-def test_cross_validation_self_trains_on_the_test_images_never_their_labels(params, tiny_raw, tmp_path, monkeypatch,
-                                                                             pool):
-    """... and with test_and_val on the held-out images too, as the pipeline on its validation images."""
+def test_a_cv_recipe_key_is_the_params_the_stages_read_and_the_data(params):
+    """One hash of seed, window, split.folds, model and train (less device and amp) and the data: a fold is
+    found done only for the same."""
     from covseg import crossval
-    from covseg.data import load_raw
 
-    p = params.override({**TINY_TRAIN, "split.folds": 3, "train.pseudo_epochs": 1, "train.pseudo_images": pool})
-    given = {}
-
-    def spy(t, m, seed, x_train, y_train, x_val, y_val, checkpoint, unlabelled=None):
-        given.update(x_val=x_val, unlabelled=unlabelled)
-        raise Killed
-
-    monkeypatch.setattr(crossval, "train", spy)
-    with pytest.raises(Killed):
-        crossval.cross_validate(tiny_raw, p, tmp_path / "cv.json", folds=[1])
-    raw = load_raw(tiny_raw)
-    test = window(np.asarray(raw.test_images)[..., 0], p.window.hu_min, p.window.hu_max)
-    expected = np.concatenate([given["x_val"], test]) if pool == "test_and_val" else test
-    np.testing.assert_array_equal(given["unlabelled"], expected)
-    off = params.override({"train.pseudo_confidence": 0.9, "train.pseudo_images": "test_and_val"})
-    assert crossval.recipe_key(off, "d") == crossval.recipe_key(params, "d"), "off: the committed results' key"
-    other_pool = p.override({"train.pseudo_images": {"test": "test_and_val"}.get(pool, "test")})
-    assert len({crossval.recipe_key(x, "d") for x in (params, p, other_pool)}) == 3
+    key = crossval.recipe_key(params, "data")
+    for other in ({"seed": 1}, {"window.hu_min": -900}, {"split.folds": 4}, {"model.tta": True},
+                  {"model.class_bias": [0.0] * 4}, {"train.epochs": 7}, {"train.members": 1}):
+        assert crossval.recipe_key(params.override(other), "data") != key, other
+    assert crossval.recipe_key(params, "other data") != key
+    for same in ({"split.fold": 1}, {"train.device": "cpu"}, {"train.amp": not params.train.amp},
+                 {"evaluate.overlays": 1}):
+        assert crossval.recipe_key(params.override(same), "data") == key, same
 
 
 class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("select,pseudo_epochs,killed_after", [("last", 0, 2), ("best", 0, 2), ("last", 2, 2),
-                                                                 ("last", 2, 3)])
-def test_a_killed_training_resumes_to_the_same_result(params, slices, tmp_path, monkeypatch, select, pseudo_epochs,
-                                                      killed_after):
-    """Also killed when self-training is about to start, or in it (its labels come from the state)."""
-    from covseg import training
-
+@pytest.mark.parametrize("select,killed_after", [("last", 2), ("best", 2)])
+def test_a_killed_training_resumes_to_the_same_result(params, slices, tmp_path, select, killed_after):
     x, y = slices
-    p = params.override({**TINY_TRAIN, "train.epochs": 4 - pseudo_epochs, "train.val_every": 1,
-                         "train.select": select, "train.pseudo_epochs": pseudo_epochs})
+    p = params.override({**TINY_TRAIN, "train.epochs": 4, "train.val_every": 1, "train.select": select})
     data = (x[:5], y[:5], x[5:6], y[5:6])
-    more = {"unlabelled": x[6:]}
-    whole = train(p.train, p.model, p.seed, *data, tmp_path / "whole.pt", state=tmp_path / "whole.state", **more)
+    whole = train(p.train, p.model, p.seed, *data, tmp_path / "whole.pt", state=tmp_path / "whole.state")
 
     def kill(row):
         if row["epoch"] == killed_after:
             raise Killed
 
     with pytest.raises(Killed):
-        train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=kill, state=tmp_path / "m.state", **more)
+        train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=kill, state=tmp_path / "m.state")
     (tmp_path / "m.pt").unlink(missing_ok=True)  # DVC removes a stage's outputs before it runs again
-    seen, labelled = [], []
-    monkeypatch.setattr(training, "pseudo_labels", lambda *a: labelled.append(1) or pseudo_labels(*a))
+    seen = []
     resumed = train(p.train, p.model, p.seed, *data, tmp_path / "m.pt", on_epoch=seen.append,
-                    state=tmp_path / "m.state", **more)
+                    state=tmp_path / "m.state")
     assert [r["epoch"] for r in seen] == [1, 2, 3, 4], "the earlier epochs are reported again (MLflow)"
-    assert len(labelled) == (pseudo_epochs and killed_after <= p.train.epochs), "labels made once, then kept"
     columns = [c for c in whole.columns if c != "seconds"]
     pd_whole, pd_resumed = whole[columns].to_numpy(), resumed[columns].to_numpy()
     assert np.allclose(pd_whole, pd_resumed, atol=1e-6, equal_nan=True)
@@ -471,54 +352,6 @@ def test_an_ensemble_is_its_members_each_trained_from_its_own_seed(params, slice
     np.testing.assert_allclose(predict_logits(Segmenter(ens.unet), images), mean, atol=1e-5)
     facts = ckpt["val_kaggle_f1"]
     assert facts == pytest.approx(summary_metrics(confusion_matrix(y[6:], predict_labels(ens, images)))["kaggle_f1"])
-
-
-@pytest.fixture
-def member_labels(monkeypatch) -> list:
-    """The labels each network of a training is trained on, in order (filled as train runs)."""
-    from covseg import training
-
-    seen, member = [], training._train_member
-    monkeypatch.setattr(training, "_train_member", lambda t, m, xs, ys, *a, **k: seen.append(ys) or member(
-        t, m, xs, ys, *a, **k))
-    return seen
-
-
-def test_data_fraction_trains_every_member_on_that_stratified_share_of_the_slices(params, slices, tmp_path,
-                                                                                  member_labels):
-    from covseg.preprocessing import stratified_subset
-
-    x, y = slices
-    seen = member_labels
-    p = params.override({**TINY_TRAIN, "train.epochs": 1, "train.members": 2, "train.data_fraction": 0.5})
-    train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "half.pt")
-    kept = stratified_subset(y[:6], 0.5)
-    assert len(seen) == 2 and all(np.array_equal(s, y[:6][kept]) for s in seen) and len(kept) == 3
-    with pytest.raises(ParamsError, match="train.data_fraction"):
-        params.override({"train.data_fraction": 0})
-
-
-def test_member_folds_trains_member_k_on_every_slice_but_fold_k(params, slices, tmp_path, member_labels):
-    from covseg.preprocessing import assign_folds
-
-    x, y = slices
-    seen = member_labels
-    p = params.override({**TINY_TRAIN, "train.epochs": 1, "train.members": 2, "train.member_folds": 3})
-    train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "folds.pt")
-    fold_of = assign_folds(y[:6], 3, p.seed)
-    assert len(seen) == 2 and [len(s) for s in seen] == [4, 4]
-    for k, ys in enumerate(seen):
-        assert np.array_equal(ys, y[:6][fold_of != k]), f"member {k} trains on all but fold {k}"
-    assert not np.array_equal(seen[0], seen[1])
-    with pytest.raises(ParamsError, match="train.member_folds"):
-        params.override({"train.members": 3, "train.member_folds": 2})  # two members would leave out one fold
-    with pytest.raises(ParamsError, match="train.member_folds"):
-        params.override({"train.member_folds": 1})
-    with pytest.raises(ParamsError, match="train.member_folds = 7 is more than the 6 training slices"):
-        train(**{"t": params.override({**TINY_TRAIN, "train.member_folds": 7}).train, "m": p.model, "seed": 0,
-                 "train_images": x[:6], "train_labels": y[:6], "val_images": x[6:], "val_labels": y[6:],
-                 "checkpoint": tmp_path / "no.pt"})
-    assert not (tmp_path / "no.pt").exists()
 
 
 def test_a_killed_ensemble_resumes_without_training_its_finished_members_again(params, slices, tmp_path, monkeypatch):

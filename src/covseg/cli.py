@@ -11,7 +11,7 @@ import time
 
 from covseg.errors import CovsegError
 from covseg.names import PATHS
-from covseg.params import Params, load_params, parse_overrides
+from covseg.params import Params, compose, load_params
 
 
 def cmd_data_import(args, params: Params) -> None:
@@ -107,18 +107,12 @@ def cmd_cv(args, params: Params) -> None:
     from covseg.crossval import cross_validate, describe
 
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
-    out = args.out or f"{PATHS.cv}/{args.set or 'params'}.json"
-    overrides = parse_overrides(args.override)
-    summary = cross_validate(args.raw, params.with_set(args.set).override(overrides, "-S"), out, folds,
-                             args.set or "")
+    _, composed = compose(args.override, args.conf)  # what `dvc exp run` with the same -S would run
+    name = args.name or composed.recipe
+    out = args.out or f"{PATHS.cv}/{name}.json"
+    summary = cross_validate(args.raw, composed, out, folds, name)
     print(describe(summary))
     print(f"-> {out}")
-
-
-def cmd_exp_run(args, params: Params) -> None:
-    from covseg.experiments import run_set
-
-    run_set(params, args.set, args.name, args.queue)
 
 
 def cmd_predict(args, params: Params) -> None:
@@ -180,21 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
               data=PATHS.processed, out=PATHS.submission)
     p.add_argument("--model", default=PATHS.model, help=model_help)
 
-    p = sub.add_parser("cv", help="k-fold cross-validation of params.yaml (or a set) on the labelled slices")
+    p = sub.add_parser("cv", help="k-fold cross-validation of a recipe on the labelled slices (never the test slices)")
     p.add_argument("--raw", default=PATHS.raw)
-    p.add_argument("--set", help="a named set of overrides from params.yaml:sets (seed, old_default, gpu, ...)")
-    p.add_argument("--folds", help="only these folds, comma-separated (default: all split.folds)")
     p.add_argument("-S", dest="override", action="append", default=[], metavar="KEY=VALUE",
-                   help="a params override on top (as dvc exp run -S), e.g. -S train.lr=0.001")
-    p.add_argument("--out", help=f"summary JSON (default: {PATHS.cv}/<set>.json)")
+                   help="as dvc exp run -S: a recipe (-S recipe=seed) and keys on top (-S train.lr=0.001); "
+                        f"composed from {PATHS.conf}/")
+    p.add_argument("--conf", default=PATHS.conf, help=f"the recipes' folder (default: {PATHS.conf})")
+    p.add_argument("--folds", help="only these folds, comma-separated (default: all split.folds)")
+    p.add_argument("--name", help="the run's name in its summary (default: the recipe's)")
+    p.add_argument("--out", help=f"summary JSON (default: {PATHS.cv}/<name>.json)")
     p.set_defaults(func=cmd_cv)
-    exp = sub.add_parser("exp", help="DVC experiments of a named params set")
-    exp_sub = exp.add_subparsers(dest="exp_command", required=True)
-    p = exp_sub.add_parser("run", help="dvc exp run with a set's overrides (-S key=value for each)")
-    p.add_argument("set")
-    p.add_argument("--name", help="experiment name (default: the set's)")
-    p.add_argument("--queue", action="store_true", help="queue it (dvc queue start runs it)")
-    p.set_defaults(func=cmd_exp_run)
 
     p = stage("promote", "registry: challenger vs champion on the validation slices neither trained on, "
               "by a metric gate", cmd_promote, data=PATHS.processed)

@@ -27,8 +27,8 @@ from covseg.evaluation import confusion_matrix, dice_metrics, per_slice_table, s
 from covseg.model import Ensemble, Segmenter, load_checkpoint, members, pick_device, predict_labels, predict_logits
 from covseg.names import DICE, KAGGLE_F1
 from covseg.params import Params
-from covseg.preprocessing import assign_folds, member_subsets, stratified_subset, window
-from covseg.training import train, unlabelled_images, uses_bf16
+from covseg.preprocessing import assign_folds, window
+from covseg.training import train, uses_bf16
 from covseg.validation import validate_raw
 
 # what the summary reports as mean and spread over folds
@@ -39,24 +39,10 @@ def recipe_key(params: Params, data: str) -> str:
     """A hash of everything a fold's result depends on: the data and the params the stages read. Not the
     machine: not the device, nor whether train.amp trains in bfloat16 there (each fold records `bf16`),
     so folds run on a GPU are found done where they are summarised."""
-    tree = {k: v for k, v in params.tree().items() if k in ("seed", "window", "split", "model", "train")}
-    tree["train"] = {k: v for k, v in tree["train"].items() if k not in ("device", "amp")}
-    tree["split"] = {"folds": tree["split"]["folds"]}
-    # what did not exist yet, when off, leaves the key of the results made before it as it was
-    if not any(tree["model"]["class_bias"]):
-        tree["model"] = {k: v for k, v in tree["model"].items() if k != "class_bias"}
-    if not tree["model"]["residual"]:
-        del tree["model"]["residual"]
-    if not tree["train"]["pseudo_epochs"]:
-        tree["train"] = {k: v for k, v in tree["train"].items() if not k.startswith("pseudo_")}
-    elif tree["train"]["pseudo_images"] == "test_and_val":  # the first self-training results had no choice
-        del tree["train"]["pseudo_images"]
-    if tree["train"]["members"] == 1:
-        del tree["train"]["members"]
-    for key, off in (("data_fraction", 1), ("aug_elastic", 0), ("member_folds", 0)):
-        if tree["train"][key] == off:
-            del tree["train"][key]
-    return hashlib.sha256(json.dumps([tree, data], sort_keys=True).encode()).hexdigest()[:16]
+    tree = params.tree()
+    read = {"seed": tree["seed"], "window": tree["window"], "split": {"folds": tree["split"]["folds"]},
+            "model": tree["model"], "train": {k: v for k, v in tree["train"].items() if k not in ("device", "amp")}}
+    return hashlib.sha256(json.dumps([read, data], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _scores(labels: np.ndarray, preds: np.ndarray) -> dict:
@@ -64,18 +50,15 @@ def _scores(labels: np.ndarray, preds: np.ndarray) -> dict:
 
 
 def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndarray, fold: int,
-             test_images: np.ndarray, params: Params, logits_out: Path | None = None,
-             recipe: str = "") -> tuple[dict, pd.DataFrame]:
+             params: Params, logits_out: Path | None = None, recipe: str = "") -> tuple[dict, pd.DataFrame]:
     """Train on every fold but `fold`, score `fold`: (metrics, per-slice table of the held-out slices).
-    Self-training (train.pseudo_epochs) labels `test_images` (with train.pseudo_images test_and_val,
-    also the held-out images) itself, as the pipeline does its test (and validation) images.
     With `logits_out`, the held-out slices' logits (float16, without model.class_bias), labels and ids
     are saved there (.npz, with `recipe`), so the bias can be chosen by nested cross-validation."""
     tr, va = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         history = train(params.train, params.model, params.seed, images[tr], labels[tr], images[va], labels[va],
-                        Path(tmp) / "model.pt", unlabelled=unlabelled_images(params.train, images[va], test_images))
+                        Path(tmp) / "model.pt")
         model, ckpt = load_checkpoint(Path(tmp) / "model.pt")
     device = pick_device(params.train.device)
     model = model.to(device)
@@ -86,10 +69,7 @@ def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndar
             np.savez_compressed(f, logits=raw.astype(np.float16), labels=labels[va],
                                 ids=np.asarray([ids[i] for i in va]), recipe=recipe)
     preds = model.postprocess(torch.from_numpy(logits)).numpy()
-    kept = labels[tr][stratified_subset(labels[tr], params.train.data_fraction)]  # all of them at 1
-    per_member = [len(s) for s in member_subsets(kept, params.train.members, params.train.member_folds, params.seed)]
-    metrics = {**_scores(labels[va], preds), "fold": fold, "train_slices": len(kept), "member_slices": per_member,
-               "val_slices": len(va),
+    metrics = {**_scores(labels[va], preds), "fold": fold, "train_slices": len(tr), "val_slices": len(va),
                "epoch": int(ckpt["epoch"]), "bf16": uses_bf16(params.train),
                "seconds": round(time.perf_counter() - start, 1),
                "epoch_seconds": float(history["seconds"].mean())}
@@ -139,7 +119,6 @@ def cross_validate(raw: str | Path, params: Params, out: str | Path, folds: Sequ
     validate_raw(data, params.validate_)  # raises ContractError: bad data never reaches training
     labels = one_hot_to_index(np.asarray(data.masks))
     images = window(np.asarray(data.images)[..., 0], params.window.hu_min, params.window.hu_max)
-    test_images = window(np.asarray(data.test_images)[..., 0], params.window.hu_min, params.window.hu_max)
     k = params.split.folds
     folds = list(range(k)) if folds is None else sorted(set(folds))
     if not folds or any(f < 0 or f >= k for f in folds):
@@ -152,7 +131,7 @@ def cross_validate(raw: str | Path, params: Params, out: str | Path, folds: Sequ
         fold_file = out.with_name(f"{out.stem}.fold{fold}.json")
         done = json.loads(fold_file.read_text()) if fold_file.is_file() else {}
         if done.get("recipe") != key:
-            metrics, table = run_fold(images, labels, data.train_ids, fold_of, fold, test_images, params,
+            metrics, table = run_fold(images, labels, data.train_ids, fold_of, fold, params,
                                       fold_file.with_suffix(".logits.npz"), key)
             done = {"recipe": key, "metrics": metrics, "per_slice": table.to_dict(orient="list")}
             write_json(done, fold_file)

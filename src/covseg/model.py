@@ -1,7 +1,7 @@
-"""The seed's plain U-Net (3x3 convs, 2x2 max-pool, transposed-conv upsampling, skips; optionally residual
-blocks) and inference."""
+"""The seed's plain U-Net (3x3 convs, 2x2 max-pool, transposed-conv upsampling, skips) and inference."""
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -22,36 +22,17 @@ def _norm(kind: str, channels: int) -> nn.Module:
             "none": nn.Identity}[kind]()
 
 
-class Residual(nn.Module):
-    """Two 3x3 convs with a shortcut around them (a 1x1 conv where the width changes), as a ResNet block."""
-
-    def __init__(self, cin: int, cout: int, norm: str):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout))
-        self.skip = nn.Identity() if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=norm == "none"),
-                                                                    _norm(norm, cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.body(x) + self.skip(x))
-
-
 class UNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES, base_channels: int = 16,
-                 depth: int = 4, norm: str = "batch", residual: bool = False):
+                 depth: int = 4, norm: str = "batch"):
         super().__init__()
         if norm not in ("batch", "instance", "none"):
             raise ValueError(f"model.norm must be batch, instance or none, got {norm!r}")
         self.config = dict(in_channels=in_channels, num_classes=num_classes,
                            base_channels=base_channels, depth=depth, norm=norm)
-        if residual:  # a checkpoint of the plain net keeps the config (and weights) it always had
-            self.config["residual"] = True
         widths = [base_channels * 2 ** i for i in range(depth + 1)]
 
         def block(cin: int, cout: int) -> nn.Module:
-            if residual:
-                return Residual(cin, cout, norm)
             return nn.Sequential(
                 nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout), nn.ReLU(inplace=True),
                 nn.Conv2d(cout, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout), nn.ReLU(inplace=True))
@@ -79,7 +60,7 @@ class UNet(nn.Module):
 
 
 def build_model(m: ModelParams) -> UNet:
-    return UNet(base_channels=m.base_channels, depth=m.depth, norm=m.norm, residual=m.residual)
+    return UNet(base_channels=m.base_channels, depth=m.depth, norm=m.norm)
 
 
 class Ensemble(nn.Module):
@@ -182,6 +163,9 @@ def segmenter(unet: UNet | Ensemble, scale: float, m: ModelParams) -> Segmenter:
     return Segmenter(unet, scale, m.tta, m.min_island, m.class_bias)
 
 
+NETWORK_CONFIG = frozenset(inspect.signature(UNet).parameters)  # what a checkpoint's "config" may hold
+
+
 def save_checkpoint(model: Segmenter, path: str | Path, **extra) -> None:
     """Weights, network config and `extra` facts (epoch, score, MLflow ids), written atomically."""
     with atomic_output(path) as tmp:
@@ -196,7 +180,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     n = ckpt.get("members", 1)
     if not isinstance(n, int) or not 1 <= n <= MAX_MEMBERS:
         raise CovsegError(f"{path}: 'members' = {n!r} is not an ensemble size (1..{MAX_MEMBERS})")
-    unet = UNet(**ckpt["config"]) if n == 1 else Ensemble([UNet(**ckpt["config"]) for _ in range(n)])
+    config = ckpt.get("config")
+    if not isinstance(config, dict) or not set(config) <= NETWORK_CONFIG:
+        extra = sorted(set(config) - NETWORK_CONFIG) if isinstance(config, dict) else config
+        raise CovsegError(f"{path}: a network config this version of covseg does not build ({extra!r}; "
+                          f"it builds {', '.join(sorted(NETWORK_CONFIG))}): retrain it, or load it with the "
+                          f"covseg that wrote it")
+    unet = UNet(**config) if n == 1 else Ensemble([UNet(**config) for _ in range(n)])
     unet.load_state_dict(ckpt["state_dict"])
     model = Segmenter(unet, ckpt["scale"], ckpt.get("tta", False), ckpt.get("min_island", 0),
                       ckpt.get("class_bias"))

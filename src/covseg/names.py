@@ -12,7 +12,6 @@ CLASSES = ("ground_glass", "consolidation", "lungs_other", "background")
 SHORT = ("ggo", "consolidation", "lungs_other", "background")
 NUM_CLASSES = len(CLASSES)
 SCORED = (0, 1)  # the classes the competition scores: ground glass, consolidation
-IGNORE_LABEL = 255  # a self-training label the model was unsure of: no loss is taken there
 MAX_MEMBERS = 16  # the most networks an ensemble (train.members) may hold
 
 # Metrics: the headline ones, logged as tags on registered versions and shown first.
@@ -25,7 +24,7 @@ STAGES = ("validate", "preprocess", "train", "evaluate", "submit")
 
 # Default paths, relative to the project root; dvc.yaml passes the same ones.
 PATHS = SimpleNamespace(
-    params="params.yaml", dvc_file="data.dvc", raw="data/raw", processed="data/processed",
+    params="params.yaml", conf="conf", dvc_file="data.dvc", raw="data/raw", processed="data/processed",
     model="models/model.pt", train_state="models/train_state.pt",
     history="reports/train_history.csv", validation="reports/validation.json",
     metrics="reports/metrics.json", evaluation="reports/evaluation", submission="submission",

@@ -1,9 +1,10 @@
 """params.yaml, the one home of every tunable number, loaded once and checked against a schema.
 
+params.yaml is what DVC composes (Hydra) from conf/config.yaml and a recipe of conf/recipe/ on every
+`dvc exp run`; `compose` does the same composition for covseg's own commands and the flows, with the same
+`-S` overrides (`recipe=gpu`, `train.epochs=3`), checked before any work starts.
 `load_params` returns a typed `Params`; a wrong key or value is one `ParamsError` that names the key,
-the value and what is allowed, before any work starts. Stages receive only the sections they read.
-`apply_overrides` checks `{"train.epochs": 3}`-style overrides (the flows' and `dvc exp run -S`'s
-form) against the same schema.
+the value and what is allowed. Stages receive only the sections they read.
 """
 from __future__ import annotations
 
@@ -71,7 +72,6 @@ class ModelParams(Section):
     base_channels: int = Field(ge=1, le=256)
     depth: int = Field(ge=1, le=7)
     norm: Literal["batch", "instance", "none"]
-    residual: bool
     tta: bool
     min_island: int = Field(ge=0)
     class_bias: list[Annotated[float, Field(ge=-10, le=10)]] = Field(min_length=NUM_CLASSES, max_length=NUM_CLASSES)
@@ -97,16 +97,10 @@ class Train(Section):
     aug_scale: float = Field(ge=0, lt=1)
     aug_gamma: float = Field(ge=0, lt=1)
     aug_intensity: float = Field(ge=0, lt=1)
-    aug_elastic: float = Field(ge=0, le=0.1)
     scale: float = Field(gt=0, le=1)
     select: Literal["last", "best"]
     val_every: int = Field(ge=1)
     members: int = Field(ge=1, le=MAX_MEMBERS)
-    data_fraction: float = Field(gt=0, le=1)
-    member_folds: int = Field(ge=0)
-    pseudo_epochs: int = Field(ge=0)
-    pseudo_confidence: float = Field(ge=0, lt=1)
-    pseudo_images: Literal["test", "test_and_val"]
     init: str
     device: str
     amp: bool
@@ -124,14 +118,6 @@ class Train(Section):
         if value > 1 and info.data.get("select") == "best":
             raise ValueError("must be 1 with train.select: best (each member would keep an epoch of its own); "
                              "use train.select: last")
-        return value
-
-    @field_validator("member_folds")
-    @classmethod
-    def _a_fold_per_member(cls, value: int, info: ValidationInfo) -> int:
-        if value and value < max(2, info.data.get("members", 1)):
-            raise ValueError("must be 0 (every member trains on all the training slices) or at least 2 and at "
-                             "least train.members (member k leaves out fold k, so each member leaves out another)")
         return value
 
     @field_validator("device")
@@ -209,7 +195,11 @@ class Predict(Section):
         return value
 
 
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+
 class Params(Section):
+    recipe: str = Field(pattern=NAME, max_length=100)  # the conf/recipe/ file composed on top of conf/config.yaml
     seed: int = Field(ge=0)
     synth: Synth
     window: Window
@@ -221,7 +211,6 @@ class Params(Section):
     tracking: Tracking
     registry: Registry
     predict: Predict
-    sets: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")], dict[str, Any]] = {}
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False, populate_by_name=True)
 
@@ -233,17 +222,9 @@ class Params(Section):
         """A checked copy with `{"section.key": value}` overrides applied."""
         return apply_overrides(self.tree(), overrides, source)[1]
 
-    def with_set(self, name: str | None) -> Params:
-        """These params with the named set's overrides applied (`sets.<name>` in params.yaml)."""
-        if not name:
-            return self
-        if name not in self.sets:
-            raise ParamsError(f"{PATHS.params}: no set {name!r} under sets (there are: {', '.join(self.sets)})")
-        return self.override(self.sets[name], f"sets.{name}")
-
     def flat(self) -> dict[str, Any]:
         """{'train.lr': 0.001, ...}: every value by its dotted key (lists as text), for MLflow."""
-        return flatten({k: v for k, v in self.tree().items() if k != "sets"})
+        return flatten(self.tree())
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -274,11 +255,6 @@ def check(tree: Any, source: str = PATHS.params) -> Params:
         params = Params.model_validate(tree)
     except ValidationError as exc:
         raise ParamsError("\n".join(_describe(e, source) for e in exc.errors())) from None
-    base = {k: v for k, v in tree.items() if k != "sets"}
-    for name, overrides in params.sets.items():  # every set must give valid params
-        if "sets" in overrides or any(str(k).startswith("sets.") for k in overrides):
-            raise ParamsError(f"{source}: sets.{name} may not set other sets")
-        apply_overrides(base, overrides, f"{source}: sets.{name}")
     return params
 
 
@@ -297,14 +273,60 @@ def load_params(path: str | Path = PATHS.params) -> Params:
     return check(read_tree(path), str(path))
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """`-S KEY=VALUE` items -> {KEY: VALUE}, each VALUE read as YAML (3 -> int, [1, 2] -> list)."""
-    if bad := next((item for item in items if "=" not in item), None):
-        raise ParamsError(f"-S {bad!r}: expected KEY=VALUE")
+OVERRIDE = re.compile(r"(?P<key>[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)=(?P<value>.*)", re.DOTALL)
+
+
+def check_override_syntax(item: str, known: set[str]) -> None:
+    """One `-S` override as data: `KEY=VALUE` of a key params.yaml has (or `recipe=NAME`), nothing more.
+
+    Refused: Hydra's `+key` / `~key` / `++key` (new or deleted keys), `FILE:key` (DVC would edit that file,
+    dvc.yaml's commands included), and `${...}` in a value (an interpolation, `${oc.env:SECRET}` say, that
+    composition would resolve into params.yaml)."""
+    match = OVERRIDE.fullmatch(item) if isinstance(item, str) else None
+    if match is None:
+        raise ParamsError(f"-S {item!r}: expected KEY=VALUE with KEY a key of {PATHS.params} (for example "
+                          f"train.epochs=3) or recipe=NAME; no +, ~ or FILE: prefixes")
+    key, value = match["key"], match["value"]
+    if key != "recipe" and key not in known:
+        raise ParamsError(f"-S {item!r}: unknown key {key!r}: overrides may set only keys of {PATHS.params} "
+                          f"(for example train.epochs)")
+    if "${" in value or "\n" in value:
+        raise ParamsError(f"-S {item!r}: a value may not hold an interpolation ('${{') or a line break")
+
+
+def recipes(conf: str | Path = PATHS.conf) -> list[str]:
+    """The recipes under conf/recipe/, by name."""
+    return sorted(p.stem for p in (Path(conf) / "recipe").glob("*.yaml"))
+
+
+def compose(overrides: list[str] | None = None, conf: str | Path = PATHS.conf) -> tuple[dict, Params]:
+    """The params `dvc exp run -S ...` would run with: conf/config.yaml, the recipe chosen (`recipe=gpu`;
+    default: conf/recipe/default.yaml) and the other overrides on top, composed by Hydra as DVC does, then
+    checked. Every override is checked as data first (`check_override_syntax`). Returns (tree, Params)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    conf = Path(conf).resolve()
+    if not (conf / "config.yaml").is_file():
+        raise ParamsError(f"{conf / 'config.yaml'}: missing (run from the repository root)")
+    overrides = list(overrides or [])
+    known = set(flatten(read_tree(conf / "config.yaml"))) - {"defaults"}
+    for item in overrides:
+        check_override_syntax(item, known)
+    choice = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("recipe=")), "default")
+    if choice not in recipes(conf):
+        raise ParamsError(f"-S recipe={choice}: no such recipe in {conf / 'recipe'} (there are: "
+                          f"{', '.join(recipes(conf))})")
     try:
-        return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"-S: a value is not valid YAML ({exc})") from None
+        with initialize_config_dir(str(conf), version_base=None):
+            cfg = hydra_compose("config", overrides=overrides)
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise ParamsError(f"-S {' '.join(overrides)}: {str(exc).splitlines()[0]}") from None
+    return tree, check(tree, f"{conf.name}/ with -S {' '.join(overrides)}" if overrides else f"{conf.name}/")
 
 
 def apply_overrides(tree: dict, overrides: dict | None, source: str = "overrides") -> tuple[dict, Params]:

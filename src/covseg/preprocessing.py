@@ -51,28 +51,6 @@ def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold_of
 
 
-def stratified_subset(labels: np.ndarray, fraction: float) -> np.ndarray:
-    """The indices of `fraction` of the slices (at least one), spread evenly over the burden order of
-    `assign_folds`, so the subset spans the whole range of burden as the folds do."""
-    rank = np.arange(len(labels))
-    kept = np.floor((rank + 1) * fraction) > np.floor(rank * fraction)
-    if not kept.any():
-        kept[-1] = True
-    return np.sort(burden_order(labels)[kept])
-
-
-def member_subsets(labels: np.ndarray, members: int, folds: int, seed: int) -> list[np.ndarray]:
-    """The slice indices each of an ensemble's `members` trains on: all of them when `folds` is 0, else
-    (a fold ensemble) the slices dealt into `folds` burden-stratified folds (`assign_folds`), member k
-    leaving out fold k, so every member sees another share and together they see every slice."""
-    if not folds:
-        return [np.arange(len(labels))] * members
-    if folds > len(labels):
-        raise ParamsError(f"train.member_folds = {folds} is more than the {len(labels)} training slices")
-    fold_of = assign_folds(labels, folds, seed)
-    return [np.flatnonzero(fold_of != k) for k in range(members)]
-
-
 def preprocess(raw: RawData, out_dir: str | Path, win: Window, split: Split, seed: int) -> dict:
     """Write the processed arrays and split.json into the folder `out_dir` (which may be a staging
     folder); returns the split summary."""

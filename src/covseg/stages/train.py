@@ -1,5 +1,4 @@
-"""Stage `train`: the U-Net on the training fold (with self-training, also on the test images labelled by the
-model itself), its checkpoint and history, an MLflow run."""
+"""Stage `train`: the U-Net on the training fold, its checkpoint and history, an MLflow run."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +11,7 @@ from covseg.model import load_checkpoint, save_checkpoint
 from covseg.names import TAG_BEST_EPOCH
 from covseg.params import ModelParams, Tracking, Train
 from covseg.preprocessing import load_processed
-from covseg.training import train, unlabelled_images
+from covseg.training import train
 
 
 def run(data: str | Path, model: str | Path, history: str | Path, seed: int, m: ModelParams, t: Train,
@@ -26,16 +25,14 @@ def run(data: str | Path, model: str | Path, history: str | Path, seed: int, m: 
     """
     x_train, y_train = load_processed(data, "train")
     x_val, y_val = load_processed(data, "val")
-    unlabelled = unlabelled_images(t, x_val, load_processed(data, "test")[0])
     with tracking.start_training_run(trk.experiment, logged_params) as mlflow_run:
         with atomic_output(model) as partial, atomic_output(history) as history_tmp:
             table = train(t, m, seed, x_train, y_train, x_val, y_val, partial, on_epoch=tracking.log_epoch,
-                          state=state, unlabelled=unlabelled)
+                          state=state)
             net, ckpt = load_checkpoint(partial)
             model_uri = tracking.log_model(net, x_val.shape[1:])
             save_checkpoint(net, partial, epoch=ckpt["epoch"], val_kaggle_f1=ckpt["val_kaggle_f1"],
-                            mlflow_run_id=mlflow_run.info.run_id, mlflow_model_uri=model_uri,
-                            saw_val_images=bool(t.pseudo_epochs) and t.pseudo_images == "test_and_val")
+                            mlflow_run_id=mlflow_run.info.run_id, mlflow_model_uri=model_uri)
             table.to_csv(history_tmp, index=False)
         mlflow.log_artifact(str(history))
         mlflow.set_tag(TAG_BEST_EPOCH, ckpt["epoch"])
