@@ -1,219 +1,456 @@
-"""Cross-validated accuracy of params.yaml, of named params sets and of variants of them, side by side.
+"""Writes docs/accuracy.md from the committed cross-validation results: nothing is trained or run here.
 
-    python benchmarks/accuracy.py --data ../shared/data/medseg [--sets default old_default] [--jobs 2]
-    python benchmarks/accuracy.py --data ... --sets gpu "e80=default+train.epochs=80" --out-dir benchmarks/results/h200
+    python benchmarks/accuracy.py [--results benchmarks/results] [--out docs/accuracy.md] [--params params.yaml]
 
-Runs `covseg cv` (k-fold cross-validation on the labelled slices; never the test slices) for each set:
-`default` is params.yaml as it is, a name is a set of params.yaml:sets, and `NAME=BASE+KEY=VALUE+...`
-is BASE (default or a set) with `-S KEY=VALUE` overrides, for ablations. Every (set, fold) is one
-process; `--jobs N` runs N at once (one CPU thread each when N > 1), the longest recipes first. Folds
-already in OUT_DIR/cv/ for the same params and data are not run again. With `--deadline S`, folds still
-running after S seconds are stopped and the summary covers the folds that finished. Writes
-OUT_DIR/accuracy.json and accuracy.md (mean +- std over folds per measure, and what the inference-time
-levers add). With `--run-only` the folds are run and nothing is summarised (a later call, which finds
-them done, does that). A fold counts as done only if its JSON is of the same params and data.
+Reads, under the results folder:
+  **/cv/NAME.json          summaries of `covseg cv --out .../cv/NAME.json` (params, per_fold); each
+                           NAME.fold<k>.json beside one must hold the same scores as its fold in per_fold
+  machine.txt              the machine the folds in the cv/ folder beside it ran on (a `machine` field in a
+                           summary or its folds wins; neither: "not recorded")
+  class_bias.*.json        benchmarks/class_bias.py's nested class offsets (and the `Against` line of the .md
+                           beside each: the run it was compared with)
+  **/accuracy.json         its "pairs" ("A:B"): which runs were compared fold by fold (numbers recomputed here)
+  first_network/*.json     one network of a recipe per fold, compared with the default's first network
+  pipeline*.json           benchmarks/pipeline.py: stage timings and the validation fold's scores
+and params.yaml, only to check that the run shown as the default is params.yaml's model and train values.
+Same files in, same page out. To add a result: `covseg cv -S KEY=VALUE --out benchmarks/results/cv/NAME.json`
+(then `python benchmarks/class_bias.py --cv benchmarks/results/cv/NAME.json --classes ggo`), then this script.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from machine import machine  # benchmarks/machine.py
-
-from covseg.atomic import atomic_output, write_json
-from covseg.crossval import CV_METRICS, recipe_key
-from covseg.data import fingerprint
-from covseg.params import load_params, parse_overrides
+import pandas as pd
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RUN = "cv/combo2.json"  # the shipped default's cross-validation (trained and scored without the offset) ...
+DEFAULT_OFFSET = "class_bias.combo2.ggo.json"  # ... and its nested ground-glass offset
+FIRST_NETWORK = "first_network"  # one network per fold, paired with the default's first network
+MEASURES = {"dice_ggo": "Dice ground glass", "dice_consolidation": "Dice consolidation",
+            "f1_ggo": "F1 ground glass", "f1_consolidation": "F1 consolidation",
+            "kaggle_f1": "kaggle_f1", "pooled_f1": "pooled_f1"}
+NESTED = ("dice_ggo", "dice_consolidation", "f1_ggo", "f1_consolidation", "kaggle_f1")  # class_bias.py scores these
+LEVERS = {"members": "the ensemble, against its first network alone",
+          "last_member": "its last network, against the others without it",
+          "tta": "flip TTA", "min_island": "island removal", "tta_and_min_island": "flip TTA and island removal",
+          "class_bias": "the class offset of its params"}
+RECIPE_KEYS = ("model.base_channels", "model.depth", "model.norm", "train.members", "train.epochs",
+               "train.optimizer", "train.lr", "train.loss", "train.class_weights", "train.scale", "train.amp")
 
 
-def parse_spec(spec: str) -> tuple[str, str, list[str]]:
-    """'gpu' -> ('gpu', 'gpu', []); 'e80=default+train.epochs=80' -> ('e80', 'default', ['train.epochs=80'])."""
-    if "=" not in spec.split("+")[0]:
-        return spec, spec, []
-    name, rest = spec.split("=", 1)
-    base, *overrides = rest.split("+")
-    return name, base, overrides
+class ResultsError(Exception):
+    """A result file is missing or not what it should be; the message names it."""
 
 
-def cv_command(data: str, spec: str, folds: list[int], out_dir: Path) -> list[str]:
-    name, base, overrides = parse_spec(spec)
-    return [sys.executable, "-m", "covseg.cli", "cv", "--raw", data, "--folds", ",".join(map(str, folds)),
-            "--out", str(out_dir / "cv" / f"{name}.json"), *([] if base == "default" else ["--set", base]),
-            *[arg for o in overrides for arg in ("-S", o)]]
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResultsError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ResultsError(f"{path}: not a JSON object")
+    return data
 
 
-def spec_params(params, spec: str):
-    """The params a spec's folds run with."""
-    _, base, overrides = parse_spec(spec)
-    return params.with_set(None if base == "default" else base).override(parse_overrides(overrides), "-S")
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """A key or value missing from `path`'s content becomes one error naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise ResultsError(f"{path}: unexpected content ({type(exc).__name__}: {exc})") from None
 
 
-def recipe_of(data: str, spec: str) -> str:
-    """The recipe key `covseg cv` records in the folds of this spec on `data`."""
-    return recipe_key(spec_params(load_params(ROOT / "params.yaml"), spec), fingerprint(data))
+def norm(value):
+    """A params value comparable across params.yaml and a summary (which stores lists as strings)."""
+    if isinstance(value, str) and value.startswith("["):
+        value = yaml.safe_load(value)
+    if isinstance(value, list):
+        return tuple(norm(v) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
-def finished_folds(out_dir: Path, name: str, folds: int, recipe: str) -> list[int]:
-    """The folds whose JSON holds results of `recipe` (a fold of other params or data is not done)."""
-    def done(path: Path) -> bool:
-        return path.is_file() and json.loads(path.read_text()).get("recipe") == recipe
-
-    return [k for k in range(folds) if done(out_dir / "cv" / f"{name}.fold{k}.json")]
+def show(value) -> str:
+    return json.dumps(value) if isinstance(value, bool) else str(value)
 
 
-def work(params, spec: str) -> float:
-    """Rough cost of one fold of a set (epochs x members x pixels x channels^2), to start the longest first."""
-    p = spec_params(params, spec)
-    t = p.train
-    side = (t.crop or 512 * t.scale) ** 2 * (t.crops_per_slice if t.crop else 1)
-    return (t.epochs + t.pseudo_epochs) * t.members * side * p.model.base_channels ** 2
+def mean_std(values) -> str:
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
 
 
-def run_all(data: str, specs: list[str], folds: int, jobs: int, out_dir: Path, deadline: float | None) -> None:
-    """Every (set, fold) not yet done, `jobs` processes at a time, longest first; stop at the deadline.
-    A fold that fails does not stop the others; the call fails at the end, naming them."""
-    params = load_params(ROOT / "params.yaml")
-
-    def pending(spec: str) -> list[int]:
-        done = finished_folds(out_dir, parse_spec(spec)[0], folds, recipe_of(data, spec))
-        return [k for k in range(folds) if k not in done]
-
-    queue = sorted(((spec, k) for spec in specs for k in pending(spec)), key=lambda job: -work(params, job[0]))
-    env = {**os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if jobs > 1 else {})}
-    logs = out_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    start, running, failed = time.monotonic(), [], []
-    while queue or running:
-        late = deadline is not None and time.monotonic() - start > deadline
-        while queue and len(running) < jobs and not late:
-            spec, k = queue.pop(0)
-            log = open(logs / f"{parse_spec(spec)[0]}.fold{k}.log", "w")  # noqa: SIM115 (closed when it ends)
-            running.append((subprocess.Popen(cv_command(data, spec, [k], out_dir), env=env, stdout=log,
-                                             stderr=subprocess.STDOUT), parse_spec(spec)[0], k, log))
-        for job in list(running):
-            proc, name, k, log = job
-            if proc.poll() is None:
-                if not late:
-                    continue
-                proc.kill()
-                proc.wait()
-                print(f"{name} fold {k}: stopped at the deadline", flush=True)
-            elif proc.returncode:
-                failed.append(f"{name} fold {k}: see {log.name}")
-                print(f"{name} fold {k}: FAILED (exit code {proc.returncode}, {log.name})", flush=True)
-            else:
-                print(f"{name} fold {k}: done after {time.monotonic() - start:.0f}s", flush=True)
-            running.remove(job)
-            log.close()
-        if late:
-            queue.clear()
-        time.sleep(1)
-    if failed:
-        raise SystemExit("failed:\n" + "\n".join(failed))
+def delta(a: dict[int, dict], b: dict[int, dict], measure: str) -> str:
+    """A's score less B's on each fold both have: mean ± std, and on how many folds A is higher."""
+    folds = sorted(a.keys() & b.keys())
+    if not all(measure in a[k] and measure in b[k] for k in folds):
+        return "not scored"
+    d = np.array([a[k][measure] - b[k][measure] for k in folds])
+    spread = f" ± {d.std(ddof=1):.3f}" if len(d) > 1 else ""
+    return f"{d.mean():+.3f}{spread} ({int((d > 0).sum())}/{len(d)})"
 
 
-def summarise(data: str, spec: str, folds: int, out_dir: Path) -> dict | None:
-    """The summary over the folds that finished (no fold is run here: their params and data must match)."""
-    name = parse_spec(spec)[0]
-    done = finished_folds(out_dir, name, folds, recipe_of(data, spec))
-    if not done:
-        return None
-    subprocess.run(cv_command(data, spec, done, out_dir), check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out_dir / "cv" / f"{name}.json").read_text())
+def folds_text(folds: list[int], total: int | None = None) -> str:
+    if total is not None and folds == list(range(total)):
+        return f"{total} of {total}"
+    return f"{len(folds)}" + (f" of {total}" if total else "") + f" ({', '.join(map(str, folds))})"
 
 
-def table(results: dict[str, dict]) -> str:
-    """Markdown: one row per set, then one per inference-time lever left out (same trained models)."""
-    def row(label: str, s: dict, prefix: str = "", seconds: str = "") -> str:
-        cells = [f"{s[f'{prefix}{m}_mean']:.3f} ± {s[f'{prefix}{m}_std']:.3f}" for m in CV_METRICS]
-        return f"| {label} | " + " | ".join(cells) + f" | {seconds} |"
-
-    lines = ["| set (folds) | " + " | ".join(CV_METRICS) + " | training s / fold |",
-             "|" + "---|" * (len(CV_METRICS) + 2)]
-    for name, s in results.items():
-        lines.append(row(f"{name} ({', '.join(map(str, s['folds_run']))})", s,
-                         seconds=f"{s['train_seconds_mean']:.0f}"))
-        levers = sorted({k.split(".")[0] for k in s if k.startswith("without_")})
-        lines += [row(f"{name}, {lever.replace('_', ' ')}", s, f"{lever}.", "same models") for lever in levers]
-    return "\n".join(lines) + "\n"
+def table(rows: list[dict]) -> str:
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + "\n"
 
 
-def paired(results: dict[str, dict], pair: str) -> dict:
-    """'A:B': per measure, A's score less B's on every fold both ran (the same held-out slices): mean, standard
-    deviation and on how many folds A was higher."""
-    a, b = pair.split(":")
-    if a not in results or b not in results:
-        raise SystemExit(f"--pairs {pair}: both sets must be among --sets and have finished folds")
-    fa, fb = ({f["fold"]: f for f in results[n]["per_fold"]} for n in (a, b))
-    folds = sorted(fa.keys() & fb.keys())
-    out = {"folds": folds}
-    for m in CV_METRICS:
-        d = np.array([fa[k][m] - fb[k][m] for k in folds])
-        out[m] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-                  "higher": int((d > 0).sum())}
-    return out
+def load_run(path: Path, results: Path) -> dict:
+    """One `covseg cv` summary: its per-fold scores (checked against its fold files), params and machine."""
+    summary = read_json(path)
+    with reading(path):
+        per_fold = {int(f["fold"]): {m: float(v) for m, v in f.items()
+                                     if m in MEASURES or m.startswith("without_")} for f in summary["per_fold"]}
+        for k, f in per_fold.items():
+            missing = [m for m in MEASURES if m not in f]
+            if missing:
+                raise KeyError(f"fold {k} has no {', '.join(missing)}")
+        if not per_fold:
+            raise ValueError("no folds in per_fold")
+        bf16: dict[str, list[int]] = {}
+        for f in summary["per_fold"]:
+            bf16.setdefault({True: "yes", False: "no"}.get(f.get("bf16"), "not recorded"), []).append(int(f["fold"]))
+        machines = sorted({str(f["machine"]) for f in summary["per_fold"] if f.get("machine")})
+        seconds = [float(f["seconds"]) for f in summary["per_fold"] if f.get("seconds") is not None]
+    for k, scores in per_fold.items():
+        fold_file = path.with_name(f"{path.stem}.fold{k}.json")
+        if fold_file.is_file():
+            data = read_json(fold_file)
+            with reading(fold_file):
+                stale = [m for m in MEASURES if not math.isclose(float(data["metrics"][m]), scores[m], rel_tol=1e-9)]
+            if stale:
+                raise ResultsError(f"{fold_file}: {', '.join(stale)} differ from fold {k} of {path.name} "
+                                   "(summarise its folds again with covseg cv)")
+    machine_txt = path.parent.parent / "machine.txt"
+    if summary.get("machine"):
+        machine = str(summary["machine"])
+    elif machines:
+        machine = "; ".join(machines)
+    elif path.parent.name == "cv" and machine_txt.is_file() and machine_txt.read_text().strip():
+        machine = machine_txt.read_text().strip().splitlines()[0]
+    else:
+        machine = "not recorded"
+    rel = path.relative_to(results)
+    return {"name": "/".join(p for p in rel.with_suffix("").parts if p != "cv"), "path": rel.as_posix(),
+            "file": path, "per_fold": per_fold, "total": summary.get("folds"), "params": summary.get("params") or {},
+            "seconds": f"{np.mean(seconds):.0f}" if len(seconds) == len(per_fold) else "not recorded",
+            "machine": machine, "bf16": next(iter(bf16)) if len(bf16) == 1 else "; ".join(
+                f"{v} (folds {', '.join(map(str, sorted(ks)))})" for v, ks in sorted(bf16.items()))}
 
 
-def pairs_table(diffs: dict[str, dict]) -> str:
-    lines = ["| A against B (folds) | " + " | ".join(f"Δ {m}" for m in CV_METRICS) + " |",
-             "|" + "---|" * (len(CV_METRICS) + 1)]
-    for pair, d in diffs.items():
-        cells = [f"{d[m]['mean']:+.3f} ± {d[m]['std']:.3f} ({d[m]['higher']}/{len(d['folds'])})" for m in CV_METRICS]
-        lines.append(f"| {pair.replace(':', ' against ')} ({', '.join(map(str, d['folds']))}) | " + " | ".join(cells)
-                     + " |")
-    return "\n".join(lines) + "\n"
+def load_nested(path: Path, runs: dict[str, dict]) -> dict:
+    """One class_bias.py result, tied to the run whose logits it used (its `cv` path, longest match)."""
+    result = read_json(path)
+    with reading(path):
+        cv = Path(result["cv"]).parts
+        matches = [r for r in runs.values() if cv[-len(Path(r["path"]).parts):] == Path(r["path"]).parts]
+        if not matches:
+            raise ResultsError(f"{path}: its cv {result['cv']!r} is none of the runs here")
+        run = max(matches, key=lambda r: len(Path(r["path"]).parts))
+        rows = {int(f["fold"]): f for f in result["per_fold"]}
+        nested = {"file": path, "run": run["name"], "classes": "+".join(result["classes"]),
+                  "class_bias": [float(b) for b in result["class_bias"]],
+                  "offsets": {k: [float(b) for b in f["class_bias"]] for k, f in rows.items()},
+                  "without": {k: {m: float(f["without"][m]) for m in NESTED} for k, f in rows.items()},
+                  "with": {k: {m: float(f["with"][m]) for m in NESTED} for k, f in rows.items()}}
+    against = path.with_suffix(".md")
+    found = re.search(r"^Against (\S+\.json) ", against.read_text(), re.M) if against.is_file() else None
+    nested["against"] = path.parent / found.group(1) if found else None
+    return nested
+
+
+def check_default(run: dict, nested: dict, params_file: Path) -> list[str]:
+    """The default run must be params.yaml's model and train values (but for the offset, which the nested
+    result chooses and params.yaml must hold); returns params.yaml's keys the run does not record."""
+    try:
+        tree = yaml.safe_load(params_file.read_text())
+    except FileNotFoundError:
+        raise ResultsError(f"{params_file}: missing") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ResultsError(f"{params_file}: not readable YAML ({exc})") from None
+    with reading(params_file):
+        flat = {f"{section}.{k}": v for section in ("model", "train") for k, v in tree[section].items()}
+    differ = [f"{k} (run {show(run['params'][k])}, params.yaml {show(v)})" for k, v in flat.items()
+              if k != "model.class_bias" and k in run["params"] and norm(run["params"][k]) != norm(v)]
+    if norm(flat.get("model.class_bias")) != norm(nested["class_bias"]):
+        differ.append(f"model.class_bias (nested choice {nested['class_bias']}, params.yaml "
+                      f"{show(flat.get('model.class_bias'))})")
+    if differ:
+        raise ResultsError(f"{run['file']} is not params.yaml's default: {'; '.join(differ)}. Cross-validate the "
+                           "default (covseg cv --out benchmarks/results/cv/NAME.json, then benchmarks/class_bias.py) "
+                           "and point DEFAULT_RUN and DEFAULT_OFFSET in benchmarks/accuracy.py at it")
+    return [k for k in flat if k not in run["params"]]
+
+
+def pairs_of(results: Path, runs: dict[str, dict], nested: dict[Path, dict]) -> list[tuple[str, str]]:
+    """accuracy.json's "pairs" (A:B of its cv/ folder), then the runs class_bias.py compared (`--against`)."""
+    by_path = {r["path"]: r["name"] for r in runs.values()}
+    pairs = []
+    for file in sorted(results.rglob("accuracy.json")):
+        data = read_json(file)
+        with reading(file):
+            for pair in data.get("pairs", {}):
+                a, b = pair.split(":")
+                names = []
+                for name in (a, b):
+                    rel = (file.parent / "cv" / f"{name}.json").relative_to(results).as_posix()
+                    if rel not in by_path:
+                        raise ResultsError(f"{file}: pair {pair}: {results / rel} is missing")
+                    names.append(by_path[rel])
+                pairs.append(tuple(names))
+    for n in nested.values():
+        if n["against"] is not None:
+            if n["against"] not in nested:
+                raise ResultsError(f"{n['file'].with_suffix('.md')}: compared with {n['against']}, which is missing")
+            pairs.append((n["run"], nested[n["against"]]["run"]))
+    return list(dict.fromkeys(pairs))
+
+
+def render(results: Path, params_file: Path, source: str) -> str:
+    runs = {}
+    for path in sorted(results.glob("**/cv/*.json")):
+        if not re.search(r"\.fold\d+$", path.stem):
+            run = load_run(path, results)
+            runs[run["name"]] = run
+    if not (results / DEFAULT_RUN).is_file():
+        raise ResultsError(f"{results / DEFAULT_RUN}: missing (the default's cross-validation)")
+    default = next(r for r in runs.values() if r["path"] == DEFAULT_RUN)
+    nested = {p: load_nested(p, runs) for p in sorted(results.glob("**/class_bias.*.json"))}
+    if results / DEFAULT_OFFSET not in nested:
+        raise ResultsError(f"{results / DEFAULT_OFFSET}: missing (the default's nested class offset)")
+    offset = nested[results / DEFAULT_OFFSET]
+    if offset["run"] != default["name"]:
+        raise ResultsError(f"{results / DEFAULT_OFFSET}: of {offset['run']}, not of the default's run {DEFAULT_RUN}")
+    unrecorded = check_default(default, offset, params_file)
+    order = [default["name"], *(n for n in runs if n != default["name"])]
+
+    def label(name: str) -> str:
+        return f"**default** ({name})" if name == default["name"] else name
+
+    out = [f"# Cross-validated accuracy\n\n_Generated by `benchmarks/accuracy.py` from `{source}` — do not edit; "
+           "run `python benchmarks/accuracy.py` again after adding results._\n",
+           "Every figure is k-fold cross-validation on the labelled slices (the same burden-stratified folds as "
+           "`split`), never the test slices: mean ± standard deviation over the folds (sample standard deviation). "
+           "The withheld test slices are scored outside the project. Dice is per-slice Dice averaged over the "
+           "held-out slices that have the class; F1 is pixel F1 over all of a fold's held-out pixels; kaggle_f1 "
+           "is the mean of the two classes' F1 (the competition's score, covseg's promotion metric); pooled_f1 "
+           "is one F1 over both classes' pixels together. A machine is what the result files record: a summary's "
+           "`machine` field, else the `machine.txt` beside its `cv/` folder (one line for the whole folder, "
+           "written by the last run that added folds to it: the CPU model of each run is not recorded).\n"]
+    out += default_section(default, offset, unrecorded)
+    out += runs_section([runs[n] for n in order], default["params"], label)
+    out += levers_section([runs[n] for n in order], label)
+    out += pairs_section(pairs_of(results, runs, nested), runs, nested, label)
+    out += nested_section(sorted(nested.values(), key=lambda n: (order.index(n["run"]), n["classes"])), label)
+    out += first_network(results, default, label)
+    out += pipeline(results)
+    return "\n".join(out)
+
+
+def default_section(default: dict, offset: dict, unrecorded: list[str]) -> list[str]:
+    p = default["params"]
+    recipe = ", ".join(f"`{k}={show(p[k])}`" for k in RECIPE_KEYS if k in p)
+    common = offset["without"].keys() & default["per_fold"].keys()
+    rescored = max(abs(offset["without"][k][m] - default["per_fold"][k][m]) for k in common for m in NESTED)
+    return ["## The default recipe\n",
+            f"`{DEFAULT_RUN}`: params.yaml's model and train values (checked when this page was generated"
+            + (f"; params.yaml keys the run does not record: {', '.join(unrecorded)}" if unrecorded else "")
+            + f"): {recipe}. Its folds were trained and scored without a class offset; `{DEFAULT_OFFSET}` adds the "
+            "ground-glass offset by nested cross-validation: each fold is scored with the offset chosen on the other "
+            f"folds only. Folds: {folds_text(sorted(default['per_fold']), default['total'])}. Machine: "
+            f"{default['machine']}. Trained in bfloat16: {default['bf16']}.\n",
+            table([{"": "**default**, with the nested ground-glass offset", "folds": len(offset["with"]),
+                    **{MEASURES[m]: mean_std([f[m] for f in offset["with"].values()]) for m in NESTED},
+                    MEASURES["pooled_f1"]: "not scored"},
+                   {"": "without the offset (the same models, as `covseg cv` scored them)",
+                    "folds": len(default["per_fold"]),
+                    **{MEASURES[m]: mean_std([f[m] for f in default["per_fold"].values()]) for m in MEASURES}},
+                   {"": "what the nested offset adds, fold by fold (folds where it is higher)",
+                    "folds": len(offset["with"]), **{MEASURES[m]: delta(offset["with"], offset["without"], m)
+                                                     for m in NESTED},
+                    MEASURES["pooled_f1"]: "not scored"}]),
+            "Offsets (ground glass, consolidation, lungs other, background) chosen on the other folds: "
+            + "; ".join(f"fold {k} {v}" for k, v in sorted(offset["offsets"].items()))
+            + f". Chosen on all folds: {offset['class_bias']}, params.yaml's `model.class_bias` (checked). The nested "
+            "result rescores the saved held-out logits; its scores without the offset differ from `covseg cv`'s by "
+            f"at most {rescored:.5f}.\n"]
+
+
+def runs_section(runs: list[dict], base: dict, label) -> list[str]:
+    return ["## Every cross-validated run\n",
+            "Each summary under `cv/` folders, as `covseg cv` scored it (no nested offset; a run whose params hold "
+            "an offset is scored with it). Names: the file's path without `cv/`. Training seconds per fold are wall "
+            "time as run (several folds side by side, other work beside them): not a speed figure.\n",
+            table([{"run": label(r["name"]), "folds": folds_text(sorted(r["per_fold"]), r["total"]),
+                    **{MEASURES[m]: mean_std([f[m] for f in r["per_fold"].values()]) for m in MEASURES},
+                    "bfloat16": r["bf16"], "training s / fold": r["seconds"], "machine": r["machine"]}
+                   for r in runs]),
+            "Their recipes: the model and train values in which each run's params differ from the default run's "
+            f"(`{DEFAULT_RUN}`); keys not in a run's params did not exist when it ran.\n",
+            table([{"run": label(r["name"]), "file": f"`{r['path']}`",
+                    "differs from the default run in": recipe_diff(r["params"], base)} for r in runs])]
+
+
+def levers_section(runs: list[dict], label) -> list[str]:
+    rows = []
+    for r in runs:
+        levers = sorted({m.split(".")[0].removeprefix("without_") for f in r["per_fold"].values() for m in f
+                         if m.startswith("without_")})
+        for lever in levers:
+            without = {k: {m.split(".", 1)[1]: v for m, v in f.items() if m.startswith(f"without_{lever}.")}
+                       for k, f in r["per_fold"].items()}
+            rows.append({"run": label(r["name"]), "what it adds": LEVERS.get(lever, lever.replace("_", " ")),
+                         "folds": len(r["per_fold"]),
+                         **{MEASURES[m]: delta(r["per_fold"], without, m) for m in MEASURES}})
+    if not rows:
+        return []
+    return ["## Inference-time levers (the same trained models)\n",
+            "Each run as scored, less the same fold models with one lever left out, fold by fold: mean ± std of the "
+            "difference (folds where the lever scores higher).\n", table(rows)]
+
+
+def pairs_section(pairs: list[tuple[str, str]], runs: dict[str, dict], nested: dict[Path, dict], label) -> list[str]:
+    rows = []
+    for a, b in pairs:
+        ra, rb = runs[a], runs[b]
+        if not ra["per_fold"].keys() & rb["per_fold"].keys():
+            raise ResultsError(f"{ra['file']} and {rb['file']}: no fold in common to pair")
+        machines = ra["machine"] if ra["machine"] == rb["machine"] else f"{ra['machine']} / {rb['machine']}"
+        rows.append({"A against B": f"{label(a)} against {label(b)}", "offsets": "as scored by covseg cv",
+                     "folds": len(ra["per_fold"].keys() & rb["per_fold"].keys()),
+                     **{MEASURES[m]: delta(ra["per_fold"], rb["per_fold"], m) for m in MEASURES},
+                     "machines": machines})
+        for na in (x for x in nested.values() if x["run"] == a):
+            for nb in (x for x in nested.values() if x["run"] == b and x["classes"] == na["classes"]):
+                rows.append({"A against B": f"{label(a)} against {label(b)}",
+                             "offsets": f"each its own nested {na['classes']} offset",
+                             "folds": len(na["with"].keys() & nb["with"].keys()),
+                             **{MEASURES[m]: delta(na["with"], nb["with"], m) for m in NESTED},
+                             MEASURES["pooled_f1"]: "not scored", "machines": machines})
+    if not rows:
+        return []
+    return ["## Paired comparisons\n",
+            "Run A's score less run B's on the same held-out slices, fold by fold: mean ± std of the difference "
+            "(folds where A is higher). The pairs are those of `accuracy.json` (\"pairs\") and those "
+            "`benchmarks/class_bias.py --against` compared (the `Against` line of `class_bias.*.md`); the numbers "
+            "are computed here from the folds. A pair run on two machines also differs by the machine.\n",
+            table(rows)]
+
+
+def nested_section(nested: list[dict], label) -> list[str]:
+    def cell(n: dict, m: str) -> str:
+        higher = delta(n["with"], n["without"], m).rsplit("(", 1)[1]
+        return (f"{np.mean([f[m] for f in n['without'].values()]):.3f} → "
+                f"{np.mean([f[m] for f in n['with'].values()]):.3f} ({higher}")
+
+    return ["## Nested class offsets\n",
+            "`benchmarks/class_bias.py` on each run's saved held-out logits: each fold scored with the offsets "
+            "chosen on the other folds only (without → with, means over folds, and on how many folds the offset "
+            "scores higher). Offsets are for (ground glass, consolidation, lungs other, background). The runs' "
+            "folds and machines are those of the table above.\n",
+            table([{"run": label(n["run"]), "classes": n["classes"], "file": f"`{n['file'].name}`",
+                    "offset chosen on all folds": str(n["class_bias"]),
+                    "chosen on the other folds": ", ".join(sorted({str(b) for b in n["offsets"].values()})),
+                    **{MEASURES[m]: cell(n, m) for m in NESTED}} for n in nested]),
+            "With the offset, mean ± std over folds:\n",
+            table([{"run": label(n["run"]), "classes": n["classes"], "folds": len(n["with"]),
+                    **{MEASURES[m]: mean_std([f[m] for f in n["with"].values()]) for m in NESTED}} for n in nested])]
+
+
+def recipe_diff(params: dict, base: dict) -> str:
+    if not params:
+        return "not recorded"
+    keys = sorted(k for k in set(params) | set(base) if k.split(".")[0] in ("model", "train"))
+    changed = [f"`{k}={show(params[k])}`" for k in keys if k in params and norm(params[k]) != norm(base.get(k))]
+    missing = [k for k in keys if k not in params]
+    return (", ".join(changed) or "nothing") + (f" (not in its params: {', '.join(missing)})" if missing else "")
+
+
+def first_network(results: Path, default: dict, label) -> list[str]:
+    """first_network/*.json: one network per fold, against the default's first network (`without_members`)."""
+    files = sorted((results / FIRST_NETWORK).glob("*.json"))
+    if not files:
+        return []
+    base = {k: {m.split(".", 1)[1]: v for m, v in f.items() if m.startswith("without_members.")}
+            for k, f in default["per_fold"].items()}
+    if not all(base.values()):
+        raise ResultsError(f"{default['file']}: no first-network scores (without_members) to pair "
+                           f"{results / FIRST_NETWORK} with")
+    rows = []
+    for file in files:
+        data = read_json(file)
+        with reading(file):
+            folds = {int(f["fold"]): {m: float(f[m]) for m in MEASURES} for f in data.values()}
+        name = f"{FIRST_NETWORK}/{file.stem}"
+        rows += [{"": name, "folds": folds_text(sorted(folds)),
+                  **{MEASURES[m]: mean_std([f[m] for f in folds.values()]) for m in MEASURES}},
+                 {"": f"{name} against the default's first network", "folds": len(folds.keys() & base.keys()),
+                  **{MEASURES[m]: delta(folds, base, m) for m in MEASURES}}]
+    return ["## One network\n",
+            f"`{FIRST_NETWORK}/`: the scores of one network per fold, the recipe change in the file's name (these "
+            "files record no params), paired with the first network of the default's folds "
+            f"({label(default['name'])} without its second network). Machine: not recorded.\n", table(rows)]
+
+
+def pipeline(results: Path) -> list[str]:
+    """pipeline*.json: benchmarks/pipeline.py on the real data, one column per file."""
+    files = sorted(results.glob("pipeline*.json"))
+    if not files:
+        return []
+    columns = {}
+    for file in files:
+        data = read_json(file)
+        with reading(file):
+            column = {"machine": data["machine"], "date": data.get("date", "not recorded"),
+                      "`-S` overrides": ", ".join(f"`{o}`" for o in data.get("overrides", [])) or "none"}
+            for stage in data["stages"]:
+                rss = stage.get("peak_rss_mb")
+                column[f"{stage['stage']}, s"] = f"{stage['seconds']:.0f}" + (f" ({rss} MB)" if rss else "")
+            column["**whole pipeline**, s"] = f"**{data['total_seconds']:.0f}**"
+            for m, v in data["metrics"].items():
+                column[m] = f"{v:.3f}" if isinstance(v, float) else str(v)
+        columns[f"`{file.name}`"] = column
+    frame = pd.DataFrame(columns).fillna("")
+    frame.index.name = ""
+    return ["## The pipeline on the real data\n",
+            "`python benchmarks/pipeline.py --data ...`: every stage of the DVC pipeline (wall time, peak memory) "
+            "and the scores on its validation slices (`split.fold` 0, fold 0 of the folds above), one run each.\n",
+            frame.reset_index().to_markdown(index=False, disable_numparse=True) + "\n"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="a Kaggle-layout folder of labelled slices")
-    parser.add_argument("--sets", nargs="+", default=["default", "old_default"],
-                        help="'default' (params.yaml), names under params.yaml:sets, or NAME=BASE+KEY=VALUE+...")
-    parser.add_argument("--jobs", type=int, default=1, help="folds run at once (one CPU thread each when > 1)")
-    parser.add_argument("--partial", nargs="*", default=[], metavar="SET",
-                        help="sets summarised over the folds already in OUT_DIR/cv (not run)")
-    parser.add_argument("--pairs", nargs="*", default=[], metavar="A:B",
-                        help="also report set A less set B fold by fold (both among --sets): the lever A adds")
-    parser.add_argument("--deadline", type=float, help="seconds after which running folds are stopped")
-    parser.add_argument("--run-only", action="store_true",
-                        help="run the folds but write no summary (summarise later, e.g. on another machine)")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results",
-                        help="where cv/ and accuracy.json / .md go (default: benchmarks/results)")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results",
+                        help="the committed result files (default: benchmarks/results)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "accuracy.md", help="default: docs/accuracy.md")
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml",
+                        help="the params the default run is checked against (default: params.yaml)")
     args = parser.parse_args()
-    folds = load_params(ROOT / "params.yaml").split.folds
-    where = args.out_dir / "machine.txt"  # the machine the folds ran on, for a summary written elsewhere
-    to_run = [s for s in args.sets if parse_spec(s)[0] not in args.partial]
-    if to_run:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        where.write_text(machine() + "\n")
-    run_all(args.data, to_run, folds, args.jobs, args.out_dir, args.deadline)
-    if args.run_only:
-        return
-    results = {parse_spec(s)[0]: r for s in args.sets if (r := summarise(args.data, s, folds, args.out_dir))}
-    diffs = {pair: paired(results, pair) for pair in args.pairs}
-    summary = {"machine": where.read_text().strip() if where.is_file() else machine(), "data": args.data,
-               "folds": folds, "sets": args.sets, "pairs": diffs,
-               "results": {n: {k: v for k, v in s.items() if k not in ("per_fold", "params")} | {
-                   "per_fold": [{k: f[k] for k in (*CV_METRICS, "fold", "seconds")} for f in s["per_fold"]]}
-                   for n, s in results.items()}}
-    write_json(summary, args.out_dir / "accuracy.json")
-    with atomic_output(args.out_dir / "accuracy.md") as tmp:
-        tmp.write_text(f"# Cross-validated accuracy ({folds} folds, labelled slices of {args.data})\n\n"
-                       f"Machine: {summary['machine']}. Mean ± standard deviation over folds; per-slice Dice "
-                       "over the slices that have the class. 'training s / fold' is wall time as run (with "
-                       "--jobs, folds side by side, other work beside them): not a speed figure.\n\n"
-                       + table(results)
-                       + (("\nPaired by fold: set A's score less set B's on the same held-out slices, mean ± std "
-                           "over folds (on how many A was higher).\n\n" + pairs_table(diffs)) if diffs else ""))
-    print((args.out_dir / "accuracy.md").read_text())
+    results = args.results.resolve()
+    source = results.relative_to(ROOT).as_posix() if results.is_relative_to(ROOT) else str(args.results)
+    try:
+        text = render(results, args.params, source)
+    except ResultsError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"-> {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Per-class logit offsets (model.class_bias): chosen by cross-validation, measured by nested cross-validation.
 
-    python benchmarks/accuracy.py --data DATA --sets "default_nobias=default+model.class_bias=[0,0,0,0]"
-    # (that saves the held-out logits of folds not yet run)
+    covseg cv --raw DATA -S "model.class_bias=[0,0,0,0]" --out benchmarks/results/cv/default_nobias.json
+    # (that saves each fold's held-out logits beside its JSON: <out>.fold<k>.logits.npz, not in git)
     python benchmarks/class_bias.py --cv benchmarks/results/cv/default_nobias.json --classes ggo
     python benchmarks/class_bias.py --cv benchmarks/results/cv/selftrain.json --classes ggo \
         --against benchmarks/results/class_bias.default_nobias.ggo.json   # two recipes, fold by fold
@@ -9,7 +9,8 @@
 Reads the held-out logits `covseg cv` saved beside each fold (trained without an offset, or with it taken
 off), chooses offsets (of `--classes`) for each fold on the other folds only, scores the fold without and
 with them, and chooses the offsets on all folds: that is the value for params.yaml:model.class_bias.
-Never uses test slices. Writes OUT_DIR/class_bias.<cv name>.<classes>.json and .md.
+Never uses test slices. Writes OUT_DIR/class_bias.<cv name>.<classes>.json and .md; benchmarks/accuracy.py
+puts them in docs/accuracy.md.
 """
 from __future__ import annotations
 
