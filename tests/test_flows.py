@@ -66,12 +66,19 @@ def test_fold_summary():
     (["split.fold=7"], r"split\.fold = 7 is not allowed"),
     (["recipe=nope"], "no such recipe"),
     (["train.init=${oc.env:MLFLOW_TRACKING_PASSWORD}"], "may not hold an interpolation"),
-    ({"train.epochs": 3}, "expected a list of 'KEY=VALUE' strings"),
 ])
 def test_train_refuses_bad_overrides_before_cloning(fake_pipeline, overrides, message):
     with pytest.raises(ParamsError, match=message):
         pipeline.train(overrides=overrides)
     assert fake_pipeline == [], "nothing cloned or run"
+
+
+def test_overrides_of_another_form_are_refused_before_cloning(fake_pipeline):
+    with pytest.raises(Exception, match="valid list"):  # Prefect checks the parameter's type
+        pipeline.train(overrides={"train.epochs": 3})
+    with pytest.raises(ParamsError, match="expected a list of 'KEY=VALUE' strings"):
+        pipeline.checked_overrides(ROOT, [["train.epochs=3"]])
+    assert fake_pipeline == []
 
 
 def test_train_refuses_another_repository(fake_pipeline, tmp_path):
