@@ -153,7 +153,8 @@ def prepare(root: Path, epochs: int, val_every: int) -> tuple[Path, Path]:
     shell.run(["dvc", "repro", "preprocess"], project)
     tree, _ = apply_overrides(read_tree(project / PATHS.params), PRETRAIN, "PRETRAIN")
     (root / "pretrain.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    init = root / "init.pt"
+    init = project / "models" / "init.pt"  # under the repository: a flow may warm-start only from there
+    init.parent.mkdir(exist_ok=True)
     shell.run(["covseg", "--params", root / "pretrain.yaml", "train", "--data", PATHS.processed, "--model", init,
                "--history", root / "init_history.csv", "--state", root / "init_state.pt"],
               project, {ENV_TRACKING_URI: f"sqlite:///{root / 'pretrain.db'}"})

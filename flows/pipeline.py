@@ -69,7 +69,12 @@ def checked_overrides(repo: Path, overrides: list[str] | None) -> tuple[list[str
             target = Path(tmp) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(shell.run(["git", "show", f"HEAD:{name}"], repo).stdout)
-        return list(overrides), compose(overrides, Path(tmp) / PATHS.conf)[1]
+        params = compose(overrides, Path(tmp) / PATHS.conf)[1]
+    init = params.train.init
+    if init and not init.startswith("models:/") and not (repo / init).resolve().is_relative_to(repo.resolve()):
+        raise ParamsError(f"train.init = {init!r} is not allowed: a flow warm-starts only from a registry model "
+                          f"(models:/NAME@ALIAS) or a checkpoint under the repository {repo}")
+    return list(overrides), params
 
 
 def override_args(overrides: list[str]) -> list[str]:

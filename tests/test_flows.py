@@ -66,6 +66,9 @@ def test_fold_summary():
     (["split.fold=7"], r"split\.fold = 7 is not allowed"),
     (["recipe=nope"], "no such recipe"),
     (["train.init=${oc.env:MLFLOW_TRACKING_PASSWORD}"], "may not hold an interpolation"),
+    (["train.init=/root/.aws/credentials.pt"], "a flow warm-starts only from a registry model .* or a checkpoint "
+                                                "under the repository"),
+    (["train.init=../../outside.pt"], "a checkpoint under the repository"),
 ])
 def test_train_refuses_bad_overrides_before_cloning(fake_pipeline, overrides, message):
     with pytest.raises(ParamsError, match=message):

@@ -120,6 +120,8 @@ def test_overrides_compose_on_top_of_a_recipe_with_yaml_values():
     ("tracking.experiment=x${oc.env:HOME}", "may not hold an interpolation"),
     ("train.epochs", "expected KEY=VALUE"),
     ("train.epochs=0", r"train\.epochs = 0 is not allowed"),
+    ("train.init='$(touch /tmp/pwned).pt'", r"train\.init = .* is not allowed: must be empty, a registry model"),
+    ("train.init=\"models:/x' or '1\"", r"train\.init = .* is not allowed"),
     ("train.lr=1,2", "Ambiguous value"),
 ])
 def test_a_bad_override_is_one_error_before_anything_is_composed(item, message, monkeypatch):
@@ -127,6 +129,12 @@ def test_a_bad_override_is_one_error_before_anything_is_composed(item, message, 
     with pytest.raises(ParamsError, match=message) as info:
         compose([item], ROOT / PATHS.conf)
     assert "s3cr3t" not in str(info.value) and "/root" not in str(info.value).replace(str(ROOT), "")
+
+
+@pytest.mark.parametrize("init", ["", "models:/covseg-unet@champion", "models:/covseg-unet/3", "models/init.pt",
+                                  "/abs/path/to/init.pt"])
+def test_a_warm_start_names_a_registry_model_or_a_checkpoint(init):
+    assert compose([f"train.init={init}"], ROOT / PATHS.conf)[1].train.init == init
 
 
 def test_cv_composes_its_recipe_like_dvc_exp_run(tmp_path, monkeypatch):

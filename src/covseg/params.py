@@ -78,6 +78,9 @@ class ModelParams(Section):
 
 
 Weight = Annotated[float, Field(ge=0)]
+# what train.init may name: a registered model, or a checkpoint file (no interpolation, no shell characters)
+MODEL_URI = re.compile(r"models:/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_-]+|/[1-9][0-9]*)")
+CHECKPOINT_PATH = re.compile(r"[A-Za-z0-9_./-]+\.pt")
 
 
 class Train(Section):
@@ -124,6 +127,14 @@ class Train(Section):
     @classmethod
     def _device(cls, value: str) -> str:
         return check_device(value)
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, value: str) -> str:
+        if value and not (MODEL_URI.fullmatch(value) or CHECKPOINT_PATH.fullmatch(value)):
+            raise ValueError("must be empty, a registry model (models:/NAME@ALIAS or models:/NAME/VERSION) or a "
+                             "checkpoint path of letters, digits and _ . / - only")
+        return value
 
 
 class Evaluate(Section):
