@@ -7,6 +7,17 @@ export DVC_NO_ANALYTICS=1 DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true PREFEC
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
+# torch >= 2.6: before it, a crafted file runs code through torch.load(weights_only=True), which covseg loads
+# every checkpoint and training state with (CVE-2025-32434). covseg refuses to load weights with it too.
+require_safe_torch() {  # $1: a torch version
+    local major=0 minor=0
+    if [[ $1 =~ ^([0-9]+)\.([0-9]+) ]]; then major=$((10#${BASH_REMATCH[1]})) minor=$((10#${BASH_REMATCH[2]})); fi
+    if (( major < 2 || (major == 2 && minor < 6) )); then
+        echo "setup: torch $1 is older than 2.6, which fixed CVE-2025-32434 (weights_only bypass); install torch>=2.6" >&2
+        return 1
+    fi
+}
+
 if [ ! -x .venv/bin/python ]; then
     # a machine whose Python already has torch (a GPU image with its CUDA build) keeps using it
     if "$PYTHON" -c "import torch" 2>/dev/null; then "$PYTHON" -m venv --system-site-packages .venv
@@ -17,7 +28,11 @@ python -m pip install -q --upgrade pip
 
 # torch first, pinned, so that a CPU machine never pulls the CUDA build.
 if python -c "import torch" 2>/dev/null; then
-    echo "setup: using the installed torch $(python -c 'import torch; print(torch.__version__)')"
+    installed=$(python -c 'import torch; print(torch.__version__)')
+    require_safe_torch "$installed" || exit 1       # an image's or a machine's torch is kept only with the fix
+    echo "setup: using the installed torch $installed"
+elif ! require_safe_torch "$TORCH_VERSION"; then
+    exit 1
 elif pip download -q --no-index --no-deps -d "$(mktemp -d)" "torch==$TORCH_VERSION" >/dev/null 2>&1; then
     pip install -q "torch==$TORCH_VERSION"          # a local wheel (this workplace ships the CPU build)
 elif command -v nvidia-smi >/dev/null 2>&1; then

@@ -90,6 +90,88 @@ def test_compose_turns_authentication_on():
         assert _required_var(worker_env[name]) == name
 
 
+# ----------------------------------------------------------------------------- torch >= 2.6 wherever weights load
+# torch.load(weights_only=True), which covseg loads every checkpoint and training state with, can be made to run
+# code by a crafted file in torch < 2.6 (CVE-2025-32434).
+
+SAFE_TORCH = (2, 6)
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    found = re.match(r"(\d+)\.(\d+)", version)
+    assert found, version
+    return int(found.group(1)), int(found.group(2))
+
+
+def test_every_torch_the_project_installs_has_the_weights_only_fix():
+    import tomllib
+
+    worker = _compose()["services"]["worker"]["image"]
+    image = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn\d+-runtime", worker)
+    assert image and _major_minor(image.group(1)) >= SAFE_TORCH, worker
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch,) = [d for d in deps if re.match(r"torch\b", d)]
+    assert re.fullmatch(r"torch>=[\d.]+", torch) and _major_minor(torch.split(">=")[1]) >= SAFE_TORCH, torch
+    pinned = re.search(r"^TORCH_VERSION=\$\{TORCH_VERSION:-([\d.]+)\}$", (ROOT / "infra/setup.sh").read_text(), re.M)
+    assert pinned and _major_minor(pinned.group(1)) >= SAFE_TORCH
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# python and pip of a fake .venv: log each call; torch is $FAKE_TORCH (none when empty)
+echo "$(basename "$0") $*" >> "$CALLS"
+case "$*" in
+  *"print(torch.__version__)"*) [ -n "$FAKE_TORCH" ] && echo "$FAKE_TORCH" || exit 1 ;;
+  *"import torch"*) [ -n "$FAKE_TORCH" ] || exit 1 ;;
+esac
+"""
+
+
+def _setup(tmp_path: Path, installed: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, str]:
+    """infra/setup.sh in a copy of the project whose .venv is fakes (python, pip) with torch `installed`
+    ('' for none); returns its result and the calls the fakes got."""
+    repo = tmp_path / f"repo-{installed or 'none'}"
+    (repo / "infra").mkdir(parents=True)
+    shutil.copy(ROOT / "infra" / "setup.sh", repo / "infra" / "setup.sh")
+    (repo / "data" / "raw").mkdir(parents=True)
+    (repo / "data" / "raw" / "images_medseg.npy").touch()  # data present: setup pulls nothing
+    bin_ = repo / ".venv" / "bin"
+    bin_.mkdir(parents=True)
+    for name in ("python", "pip"):
+        (bin_ / name).write_text(FAKE_PYTHON)
+        (bin_ / name).chmod(0o755)
+    (bin_ / "activate").write_text(f'export PATH="{bin_}:$PATH"\n')
+    calls = tmp_path / f"calls-{installed or 'none'}"
+    calls.touch()
+    out = _bash("bash infra/setup.sh", repo, {"FAKE_TORCH": installed, "CALLS": str(calls), **(env or {})})
+    return out, calls.read_text()
+
+
+@pytest.mark.parametrize("installed", ["2.5.1+cu124", "2.3.0", "1.13.1+cpu"])
+def test_setup_refuses_to_keep_an_installed_torch_older_than_2_6(tmp_path, installed):
+    out, calls = _setup(tmp_path, installed)
+    assert out.returncode != 0
+    assert (f"setup: torch {installed} is older than 2.6, which fixed CVE-2025-32434 (weights_only bypass); "
+            f"install torch>=2.6") in out.stderr, out.stderr
+    assert "-e .[test]" not in calls and "using the installed torch" not in out.stdout, "stopped before covseg"
+
+
+def test_setup_refuses_to_install_a_torch_older_than_2_6(tmp_path):
+    out, calls = _setup(tmp_path, "", {"TORCH_VERSION": "2.5.1"})
+    assert out.returncode != 0 and "setup: torch 2.5.1 is older than 2.6" in out.stderr, out.stderr
+    assert "torch==" not in calls
+
+
+@pytest.mark.parametrize("installed", ["2.6.0+cu124", "2.13.0+cpu", ""])
+def test_setup_keeps_or_installs_a_torch_with_the_fix(tmp_path, installed):
+    out, calls = _setup(tmp_path, installed)
+    assert out.returncode == 0, out.stderr
+    assert ("pip install -q -c requirements.lock -e .[test]") in calls
+    if installed:
+        assert f"setup: using the installed torch {installed}" in out.stdout and "torch==" not in calls
+    else:
+        assert "pip install -q torch==2.13.0" in calls
+
+
 # ----------------------------------------------------------------------------- secrets
 
 

@@ -161,6 +161,51 @@ def test_gate_refuses_a_version_without_provenance_unless_allowed(versions, reg)
     assert decision["promoted"] and decision["eval_slice_ids"] == VAL[1:]
 
 
+# ----------------------------------------------------------------------------- the version asked for
+
+
+@pytest.mark.parametrize("version, message", [
+    (0, r"^version 0: must be a version number >= 1$"),
+    (-2, r"^version -2: must be a version number >= 1$"),
+    (999, r"^model covseg-unet has no version 999 \(newest: 2\)$"),
+])
+def test_gate_and_roll_back_refuse_a_version_that_is_not_there(versions, reg, version, message):
+    """The audit: --version 999 was a raw MLflow traceback, and --version 0 silently scored the newest."""
+    run_id = versions(2)
+    _tag(run_id, 1, [1])
+    _tag(run_id, 2, [2])
+    calls = []
+    with pytest.raises(CovsegError, match=message):
+        registry.promote(reg, _scorer({1: 0.5, 2: 0.9}, calls), version=version)
+    with pytest.raises(CovsegError, match=message):
+        registry.set_champion(reg, version)
+    assert calls == [] and registry.aliases(NAME) == {}, "nothing scored, nothing moved"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--version", "0"], "covseg promote: error: version 0: must be a version number >= 1"),
+    (["--version", "-1", "--force"], "covseg promote: error: version -1: must be a version number >= 1"),
+    (["--version", "999"], "covseg promote: error: model covseg-unet has no version 999 (newest: 1)"),
+    (["--version", "999", "--force"], "covseg promote: error: model covseg-unet has no version 999 (newest: 1)"),
+])
+def test_promote_names_a_wrong_version_in_one_line(versions, tmp_path, capsys, args, message):
+    from projects import ROOT
+
+    from covseg.cli import main
+
+    versions(1)
+    assert main(["--params", str(ROOT / "params.yaml"), "promote", "--data", str(tmp_path / "processed"),
+                 *args]) == 1
+    assert capsys.readouterr().err.strip() == message
+    assert registry.aliases(NAME) == {}
+
+
+def test_a_model_without_versions_says_so(versions, reg):
+    versions(0)
+    with pytest.raises(CovsegError, match=r"^model covseg-unet has no version 3 \(it has none yet"):
+        registry.promote(reg, _scorer({}), version=3)
+
+
 # ----------------------------------------------------------------------------- compare-and-set
 
 

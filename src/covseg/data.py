@@ -9,6 +9,9 @@ A raw folder holds
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +35,15 @@ class RawData:
     directory: Path
 
 
-def _load_array(path: Path, channels: int) -> np.ndarray:
-    if not path.is_file():
+RAW_FILES = (RAW_IMAGES, RAW_MASKS, RAW_TEST_IMAGES, SLICE_IDS)
+
+
+def _load_array(file: Path, channels: int, path: Path) -> np.ndarray:
+    """`file` memory-mapped and checked; errors name `path` (`file`, or the file it is a staged copy of)."""
+    if not file.is_file():
         raise DataError(f"{path}: file is missing")
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # numpy raises several types for a corrupt file
         raise DataError(f"{path}: not a readable .npy array ({exc})") from exc
     if array.ndim != 4 or array.shape[-1] != channels or array.shape[0] == 0:
@@ -50,17 +57,19 @@ def _load_array(path: Path, channels: int) -> np.ndarray:
     return array
 
 
-def load_raw(directory: str | Path) -> RawData:
-    """Load a Kaggle-layout folder, memory-mapped. Checks structure only; content is `validation`'s job."""
+def load_raw(directory: str | Path, shown_as: str | Path | None = None) -> RawData:
+    """Load a Kaggle-layout folder, memory-mapped. Checks structure only; content is `validation`'s job.
+    With `shown_as`, errors and the result's `directory` name that folder instead (a staged copy of it)."""
     directory = Path(directory)
-    images = _load_array(directory / RAW_IMAGES, 1)
-    masks = _load_array(directory / RAW_MASKS, NUM_CLASSES)
-    test_images = _load_array(directory / RAW_TEST_IMAGES, 1)
+    shown = Path(shown_as) if shown_as is not None else directory
+    images = _load_array(directory / RAW_IMAGES, 1, shown / RAW_IMAGES)
+    masks = _load_array(directory / RAW_MASKS, NUM_CLASSES, shown / RAW_MASKS)
+    test_images = _load_array(directory / RAW_TEST_IMAGES, 1, shown / RAW_TEST_IMAGES)
     train_ids, test_ids = list(range(len(images))), list(range(len(test_images)))
-    ids_path = directory / SLICE_IDS
-    if ids_path.is_file():
+    ids_file, ids_path = directory / SLICE_IDS, shown / SLICE_IDS
+    if ids_file.is_file():
         try:
-            ids = json.loads(ids_path.read_text())
+            ids = json.loads(ids_file.read_text())
             train_ids, test_ids = [int(i) for i in ids["train"]], [int(i) for i in ids["test"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{ids_path}: expected {{'train': [...], 'test': [...]}} ({exc})") from exc
@@ -69,7 +78,7 @@ def load_raw(directory: str | Path) -> RawData:
                 f"{ids_path}: lists {len(train_ids)} train and {len(test_ids)} test ids for "
                 f"{len(images)} images and {len(test_images)} test images"
             )
-    return RawData(images, masks, test_images, train_ids, test_ids, directory)
+    return RawData(images, masks, test_images, train_ids, test_ids, shown)
 
 
 def write_raw(directory: str | Path, images, masks, test_images, train_ids=None, test_ids=None) -> Path:
@@ -91,7 +100,7 @@ def fingerprint(directory: str | Path) -> str:
     import hashlib
 
     h = hashlib.sha1()
-    for name in (RAW_IMAGES, RAW_MASKS, RAW_TEST_IMAGES, SLICE_IDS):
+    for name in RAW_FILES:
         path = Path(directory) / name
         h.update(name.encode())
         if path.is_file():
@@ -101,10 +110,22 @@ def fingerprint(directory: str | Path) -> str:
     return h.hexdigest()
 
 
-def copy_raw(source: str | Path, directory: str | Path) -> Path:
-    """Copy a Kaggle-layout folder (already checked by the caller) into `directory`, atomically."""
-    raw = load_raw(source)
-    return write_raw(directory, raw.images, raw.masks, raw.test_images, raw.train_ids, raw.test_ids)
+@contextmanager
+def staged_copy(source: str | Path, directory: str | Path) -> Iterator[RawData]:
+    """Copy the raw files of the Kaggle-layout folder `source`, each read once, byte for byte, into a staging
+    sibling of `directory`, and yield that copy loaded (errors and its `directory` name `source`). What the
+    block checks is what lands: the staged copy replaces `directory` in one rename when the block ends
+    without error; on error it is removed and `directory` stays as it was. A source without slice ids gets
+    the default ones (0, 1, ...), as write_raw writes them."""
+    source = Path(source)
+    with atomic_output(directory, directory=True) as staged:
+        for name in RAW_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, staged / name)
+        raw = load_raw(staged, shown_as=source)
+        if not (staged / SLICE_IDS).is_file():
+            (staged / SLICE_IDS).write_text(json.dumps({"train": raw.train_ids, "test": raw.test_ids}) + "\n")
+        yield raw
 
 
 def record_with_dvc(dvc_file: str | Path = PATHS.dvc_file) -> str:

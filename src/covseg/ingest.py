@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covseg.data import copy_raw, load_raw, record_with_dvc, synthesize, write_raw
+from covseg.data import record_with_dvc, staged_copy, synthesize, write_raw
 from covseg.params import Synth, Validate
 from covseg.validation import validate_raw
 
 
 def import_folder(source: str | Path, raw: str | Path, v: Validate, dvc_file: str | Path | None) -> dict:
-    """Check `source` against the raw-data contract (raises before anything is written), copy it to
-    `raw` and, with a `dvc_file`, record the new version. Returns {"report", "data_version"}."""
-    report = validate_raw(load_raw(source), v)
-    copy_raw(source, raw)
+    """Copy `source` into a staging folder (each file read once), check that copy against the raw-data
+    contract, and only then move it to `raw` in one rename (on failure `raw` stays as it was): what lands,
+    and what a `dvc_file` records as the new version, is exactly what was checked, even if `source`
+    changes meanwhile. Returns {"report", "data_version"}."""
+    with staged_copy(source, raw) as staged:
+        report = validate_raw(staged, v)
     return {"report": report, "data_version": record_with_dvc(dvc_file) if dvc_file else None}
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -174,8 +175,21 @@ def save_checkpoint(model: Segmenter, path: str | Path, **extra) -> None:
                     "members": len(members(model.unet)), "state_dict": model.unet.state_dict(), **extra}, tmp)
 
 
+SAFE_TORCH = (2, 6)  # the first torch whose torch.load(weights_only=True) no crafted file gets around
+
+
+def require_safe_torch_load() -> None:
+    """Refuse (CovsegError) to load weights with a torch older than 2.6: with it a crafted file runs code
+    through torch.load(weights_only=True) (CVE-2025-32434). Called before every torch.load of covseg."""
+    found = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
+    if found is None or tuple(map(int, found.groups())) < SAFE_TORCH:
+        raise CovsegError(f"torch {torch.__version__} is older than 2.6, which fixed CVE-2025-32434 (weights_only "
+                          f"bypass): covseg loads no weights with it; install torch>=2.6")
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
     """A checkpoint written by save_checkpoint; weights only, nothing is unpickled."""
+    require_safe_torch_load()
     ckpt = torch.load(path, map_location=device, weights_only=True)
     n = ckpt.get("members", 1)
     if not isinstance(n, int) or not 1 <= n <= MAX_MEMBERS:

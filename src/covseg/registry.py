@@ -79,6 +79,22 @@ def latest_version(name: str) -> int:
     return max(int(v.version) for v in versions)
 
 
+def check_version(name: str, version: int, uri: str | None = None) -> int:
+    """`version` when `name` has it; else a CovsegError naming the version and what is wrong with it."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CovsegError(f"version {version}: must be a version number >= 1")
+    client = MlflowClient(uri)
+    try:
+        client.get_model_version(name, str(version))
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        numbers = [int(v.version) for v in client.search_model_versions(f"name='{name}'")]
+        newest = f"newest: {max(numbers)}" if numbers else "it has none yet: train one first (dvc repro)"
+        raise CovsegError(f"model {name} has no version {version} ({newest})") from None
+    return version
+
+
 def champion_data_version(name: str, uri: str | None = None) -> str:
     """The data version the champion was trained on ('' when there is no champion)."""
     champion = aliases(name, uri).get(CHAMPION)
@@ -307,7 +323,7 @@ def promote(reg: Registry, scorer: Scorer, version: int | None = None, allow_dat
     `min_score` and beats the constant predictor). The decision is recorded on the version and returned."""
     name = reg.model_name
     client = MlflowClient()
-    challenger = version or latest_version(name)
+    challenger = latest_version(name) if version is None else check_version(name, version)
     challenger_prov = provenance(name, challenger)
     lock = lock_for(reg)
     cache: dict[tuple, float] = {}
@@ -356,7 +372,7 @@ def promote(reg: Registry, scorer: Scorer, version: int | None = None, allow_dat
 def set_champion(reg: Registry, version: int) -> dict:
     """Promote or roll back by hand: `champion` -> `version` under the promotion lock, recorded on the version."""
     name = reg.model_name
-    MlflowClient().get_model_version(name, str(version))  # raises if there is no such version
+    check_version(name, version)
     with lock_for(reg) as lock:
         before = aliases(name).get(CHAMPION)
         lock.confirm()
@@ -379,6 +395,8 @@ def run_promotion(processed: str | Path, reg: Registry, ev: Evaluate, tracking: 
     from covseg.preprocessing import load_processed, load_split
 
     tracking_store.configure(tracking.experiment)
+    if version is not None:  # before anything is loaded: a wrong --version is one line
+        check_version(reg.model_name, version)
     if force:
         if version is None:
             raise CovsegError("promote --force needs --version N: the version to make champion")

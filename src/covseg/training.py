@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
+import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -43,6 +46,7 @@ from covseg.model import (
     members,
     pick_device,
     predict_logits,
+    require_safe_torch_load,
     resize,
     save_checkpoint,
     segmenter,
@@ -173,6 +177,41 @@ def recipe_key(t: Train, m: ModelParams, seed: int, *arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
+# What TrainingState.save writes: key -> the types its value may have.
+STATE_FIELDS = {"recipe": (str,), "epoch": (int,), "finished": (bool,), "net": (dict,), "optimizer": (dict,),
+                "scheduler": (dict,), "torch_rng": (torch.Tensor,), "loader_rng": (torch.Tensor,),
+                "numpy_rngs": (list,), "history": (str,), "best": (float, int), "best_net": (dict, type(None))}
+
+
+def _state_problem(state) -> str | None:
+    """What is wrong with a loaded training state's structure, or None."""
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not a dict"
+    missing = [k for k in STATE_FIELDS if k not in state]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    wrong = [f"{k} is a {type(state[k]).__name__}" for k, types in STATE_FIELDS.items()
+             if not isinstance(state[k], types)]
+    if wrong:
+        return "; ".join(wrong)
+    try:
+        if not isinstance(json.loads(state["history"]), list):
+            return "history is not a JSON list"
+    except ValueError as exc:
+        return f"history is not JSON ({exc})"
+    return None
+
+
+def _load_error(exc: Exception) -> str:
+    """One line on why torch.load failed (its messages run to many lines)."""
+    text = str(exc)
+    refused = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    line = f"refused by weights_only: {refused.group(1).split(' Please')[0].strip()}" if refused else next(
+        (ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = line if len(line) <= 200 else line[:197] + "..."
+    return f"{type(exc).__name__}: {line}" if line else f"{type(exc).__name__} (empty or cut short)"
+
+
 class TrainingState:
     """A training's state after each epoch (weights, optimizer, schedule, every random generator, the
     history, the best weights so far), written atomically to `path`, so a killed run resumes exactly where
@@ -196,11 +235,35 @@ class TrainingState:
 
     def load(self, finished: bool = False) -> dict | None:
         """The state of an unfinished run of the same recipe (also of a finished one, with `finished`),
-        or None (start afresh)."""
+        or None (start afresh). A state that cannot be read (cut short, not a torch file, refused by
+        weights_only, not the structure `save` writes) is set aside (`set_aside`), never deleted, with one
+        warning naming it and why; the training then starts afresh."""
         if self.path is None or not self.path.is_file():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        return state if state.get("recipe") == self.key and (finished or not state.get("finished")) else None
+        require_safe_torch_load()
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except PermissionError:  # not corrupt: unreadable to this user, which they have to fix
+            raise
+        except Exception as exc:  # torch raises many types for a file that is not what it wrote
+            return self.set_aside(_load_error(exc))
+        if isinstance(state, dict) and isinstance(state.get("recipe"), str) and state["recipe"] != self.key:
+            return None  # another recipe's run (params, code or data): this one overwrites it
+        problem = _state_problem(state)
+        if problem is not None:
+            return self.set_aside(problem)
+        return state if finished or not state["finished"] else None
+
+    def set_aside(self, reason: str) -> None:
+        """Rename the unreadable state to `<name>.corrupt-<time>` (kept for inspection) and warn once."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while aside.exists():
+            aside, n = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}"), n + 1
+        os.replace(self.path, aside)
+        warnings.warn(f"{self.path}: not a training state this run can resume ({reason}); set aside as {aside}, "
+                      f"and training starts afresh", UserWarning, stacklevel=2)
 
     def restore(self, state: dict) -> None:
         """Weights, optimizer, schedule and every random generator as `state` has them."""
