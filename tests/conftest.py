@@ -45,6 +45,19 @@ def tiny_raw(tmp_path, tiny_arrays) -> Path:
 
 
 @pytest.fixture
+def tiny_folds(tmp_path, tiny_raw, params):
+    """tiny_folds(k): the folds file of tiny_raw dealt into k folds, as `covseg folds` writes it."""
+    from covseg.preprocessing import write_folds
+
+    def make(k: int) -> Path:
+        path = tmp_path / f"folds{k}.json"
+        write_folds(tiny_raw, path, k, params.seed, force=True)
+        return path
+
+    return make
+
+
+@pytest.fixture
 def mlflow_store(tmp_path, monkeypatch) -> str:
     """An embedded MLflow store of this test's own; MLflow may not unpickle anything while it is used."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -192,7 +192,8 @@ def test_every_shipped_recipe_trains(slices, tmp_path, name):
 # ------------------------------------------------------------------------------------------ cross-validation
 
 
-def test_cross_validation_reports_mean_and_spread_and_resumes(params, tiny_raw, tmp_path, monkeypatch):
+def test_cross_validation_reports_mean_and_spread_and_resumes(params, tiny_raw, tmp_path, monkeypatch, tiny_folds):
+    folds3 = tiny_folds(3)
     from covseg import crossval
 
     p = params.override({**TINY_TRAIN, "split.folds": 3, "train.epochs": 1, "model.tta": True,
@@ -200,7 +201,7 @@ def test_cross_validation_reports_mean_and_spread_and_resumes(params, tiny_raw, 
     out = tmp_path / "cv" / "tiny.json"
     seen, predict_logits = [], crossval.predict_logits
     monkeypatch.setattr(crossval, "predict_logits", lambda *a: seen.append(predict_logits(*a)) or seen[-1])
-    summary = crossval.cross_validate(tiny_raw, p, out, folds=[0, 2], name="tiny")
+    summary = crossval.cross_validate(tiny_raw, p, out, folds=[0, 2], name="tiny", folds_file=folds3)
     assert summary["folds"] == 2 and summary["folds_run"] == [0, 2]
     f1 = [f["kaggle_f1"] for f in summary["per_fold"]]
     assert summary["kaggle_f1_mean"] == pytest.approx(np.mean(f1))
@@ -219,12 +220,13 @@ def test_cross_validation_reports_mean_and_spread_and_resumes(params, tiny_raw, 
         raise AssertionError("a finished fold was trained again")
 
     monkeypatch.setattr(crossval, "train", no_training)
-    again = crossval.cross_validate(tiny_raw, p, out, folds=[0, 2], name="tiny")
+    again = crossval.cross_validate(tiny_raw, p, out, folds=[0, 2], name="tiny", folds_file=folds3)
     assert again["kaggle_f1_mean"] == summary["kaggle_f1_mean"]
     with pytest.raises(AssertionError, match="trained again"):  # other params: the folds are stale
-        crossval.cross_validate(tiny_raw, p.override({"train.lr": 0.01}), out, folds=[0], name="tiny")
+        crossval.cross_validate(tiny_raw, p.override({"train.lr": 0.01}), out, folds=[0], name="tiny",
+                                folds_file=folds3)
     with pytest.raises(ParamsError, match=r"folds \[3\]"):
-        crossval.cross_validate(tiny_raw, p, out, folds=[3])
+        crossval.cross_validate(tiny_raw, p, out, folds=[3], folds_file=folds3)
 
 
 def test_a_cv_recipe_key_is_the_params_the_stages_read_and_the_data(params):
@@ -404,7 +406,8 @@ def test_amp_trains_in_bfloat16_on_a_cpu_that_has_it_and_says_so_in_the_recipe(p
 
 
 def test_cross_validation_of_an_ensemble_also_scores_its_first_member_alone_and_all_but_its_last(
-        params, tiny_raw, tmp_path, monkeypatch):
+        params, tiny_raw, tmp_path, monkeypatch, tiny_folds):
+    folds3 = tiny_folds(3)
     from covseg import crossval
 
     p = params.override({**TINY_TRAIN, "split.folds": 3, "train.epochs": 1, "train.members": 3})
@@ -419,12 +422,15 @@ def test_cross_validation_of_an_ensemble_also_scores_its_first_member_alone_and_
 
     for name in scored:
         monkeypatch.setattr(crossval, name, spy(name))
-    ens = crossval.cross_validate(tiny_raw, p, tmp_path / "ens.json", folds=[1])
+    ens = crossval.cross_validate(tiny_raw, p, tmp_path / "ens.json", folds=[1],
+          folds_file=folds3)
     [nets] = scored["predict_logits"]
     assert len(nets) == 3 and sorted(scored["predict_labels"]) == sorted([nets[:1], nets[:2]])
     monkeypatch.undo()
-    two = crossval.cross_validate(tiny_raw, p.override({"train.members": 2}), tmp_path / "two.json", folds=[1])
-    one = crossval.cross_validate(tiny_raw, p.override({"train.members": 1}), tmp_path / "one.json", folds=[1])
+    two = crossval.cross_validate(tiny_raw, p.override({"train.members": 2}), tmp_path / "two.json", folds=[1],
+          folds_file=folds3)
+    one = crossval.cross_validate(tiny_raw, p.override({"train.members": 1}), tmp_path / "one.json", folds=[1],
+          folds_file=folds3)
     assert len({ens["recipe"], two["recipe"], one["recipe"]}) == 3
     for m in crossval.CV_METRICS:
         assert ens[f"without_members.{m}_mean"] == pytest.approx(one[f"{m}_mean"]), m

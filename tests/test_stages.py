@@ -18,7 +18,7 @@ from covseg.validation import ContractError
 
 
 @pytest.fixture
-def pipeline(tmp_path, tiny_raw, tiny_params, mlflow_store, monkeypatch):
+def pipeline(tmp_path, tiny_raw, tiny_params, mlflow_store, monkeypatch, tiny_folds):
     """The five stages, in order, in a project folder of their own, with the leftovers of a crashed
     older run beside the outputs of train and evaluate; returns the folder and results."""
     monkeypatch.chdir(tmp_path)
@@ -30,7 +30,8 @@ def pipeline(tmp_path, tiny_raw, tiny_params, mlflow_store, monkeypatch):
     p = tiny_params
     results = {
         "validate": validate.run(tiny_raw, PATHS.validation, p.validate_),
-        "preprocess": preprocess.run(tiny_raw, PATHS.processed, p.window, p.split, p.seed, PATHS.validation),
+        "preprocess": preprocess.run(tiny_raw, PATHS.processed, p.window, p.split, tiny_folds(p.split.folds),
+                                     PATHS.validation),
         "train": train.run(PATHS.processed, PATHS.model, PATHS.history, p.seed, p.model, p.train, p.tracking,
                            p.flat()),
     }
@@ -83,7 +84,7 @@ def test_run_is_tracked_and_registered(pipeline, mlflow_store):
 
 
 def test_an_ensemble_is_trained_registered_and_served_as_one_model(tmp_path, tiny_raw, tiny_params, mlflow_store,
-                                                                     monkeypatch):
+                                                                     monkeypatch, tiny_folds):
     from covseg import tracking
     from covseg.model import Ensemble, predict_logits
     from covseg.preprocessing import load_processed
@@ -91,7 +92,7 @@ def test_an_ensemble_is_trained_registered_and_served_as_one_model(tmp_path, tin
     monkeypatch.chdir(tmp_path)
     p = tiny_params.override({"train.members": 2})
     validate.run(tiny_raw, PATHS.validation, p.validate_)
-    preprocess.run(tiny_raw, PATHS.processed, p.window, p.split, p.seed, PATHS.validation)
+    preprocess.run(tiny_raw, PATHS.processed, p.window, p.split, tiny_folds(p.split.folds), PATHS.validation)
     trained = train.run(PATHS.processed, PATHS.model, PATHS.history, p.seed, p.model, p.train, p.tracking, p.flat())
     assert pd.read_csv(PATHS.history)["member"].tolist() == [0, 1]
     metrics = evaluate.run(PATHS.processed, PATHS.model, PATHS.history, PATHS.validation, PATHS.metrics,
@@ -121,9 +122,13 @@ def test_cli_runs_the_same_stage_functions(tmp_path, tiny_raw, tiny_params, monk
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params.tree()))
     assert main(["validate", "--raw", str(tiny_raw)]) == 0
+    assert main(["preprocess", "--raw", str(tiny_raw)]) == 1, "no folds file yet"
+    out, err = capsys.readouterr()
+    assert "raw_data: all" in out and "no folds file; run `covseg folds`" in err
+    assert main(["folds", "--raw", str(tiny_raw)]) == 0
     assert main(["preprocess", "--raw", str(tiny_raw)]) == 0
     out = capsys.readouterr().out
-    assert "raw_data: all" in out and "train / " in out and (tmp_path / PATHS.processed / "split.json").is_file()
+    assert "train / " in out and (tmp_path / PATHS.processed / "split.json").is_file()
 
 
 # ----------------------------------------------------------------------------- the promotion gate
@@ -224,12 +229,15 @@ def r_val_ids(root):
 def test_gate_never_scores_a_model_on_slices_it_was_trained_on(three_versions, tiny_params):
     """A model trained on fold 0's split, gated on fold 1's validation slices (a sweep or a cross-
     validation fold): they were all in its training set, so there is nothing fair to score it on."""
-    from covseg.data import load_raw
+    from covseg.data import load_raw, one_hot_to_index
+    from covseg.preprocessing import assign_folds
     from covseg.preprocessing import preprocess as write_processed
 
     p = tiny_params
     other = three_versions / "processed-fold1"
-    write_processed(load_raw(three_versions / "raw"), other, p.window, p.split.model_copy(update={"fold": 1}), p.seed)
+    raw = load_raw(three_versions / "raw")
+    fold_of = assign_folds(one_hot_to_index(raw.masks), p.split.folds, p.seed)
+    write_processed(raw, other, p.window, p.split.model_copy(update={"fold": 1}), fold_of)
     reg = p.registry.model_copy(update={"min_eval_slices": 1, "lock_settle_s": 1.0})
     with pytest.raises(CovsegError, match=r"only 0 of the \d+ validation slices were seen by neither version "
                                           r"\(trained: v2 on \d+ slices\)"):
@@ -240,15 +248,16 @@ def test_gate_never_scores_a_model_on_slices_it_was_trained_on(three_versions, t
 # ----------------------------------------------------------------------------- stages refuse unchecked data
 
 
-def test_preprocess_refuses_data_whose_contract_was_never_checked(tmp_path, tiny_raw, tiny_params):
+def test_preprocess_refuses_data_whose_contract_was_never_checked(tmp_path, tiny_raw, tiny_params, tiny_folds):
     p = tiny_params
     with pytest.raises(CovsegError, match="no validation report"):
-        preprocess.run(tiny_raw, tmp_path / "out", p.window, p.split, p.seed, tmp_path / "missing.json")
+        preprocess.run(tiny_raw, tmp_path / "out", p.window, p.split, tiny_folds(p.split.folds),
+                       tmp_path / "missing.json")
     assert not (tmp_path / "out").exists()
 
 
 def test_preprocess_refuses_data_that_failed_or_changed_since_validation(tmp_path, tiny_raw, tiny_arrays,
-                                                                         tiny_params):
+                                                                         tiny_params, tiny_folds):
     from covseg.data import write_raw
 
     p = tiny_params
@@ -258,22 +267,24 @@ def test_preprocess_refuses_data_that_failed_or_changed_since_validation(tmp_pat
     images[2, :4, :4] = np.nan
     write_raw(tiny_raw, images, masks, test)  # changed after the check
     with pytest.raises(CovsegError, match="was made for other data"):
-        preprocess.run(tiny_raw, tmp_path / "out", p.window, p.split, p.seed, report)
+        preprocess.run(tiny_raw, tmp_path / "out", p.window, p.split, tiny_folds(p.split.folds), report)
     with pytest.raises(ContractError):
         validate.run(tiny_raw, report, p.validate_)
     with pytest.raises(CovsegError, match="failed the data contract"):
-        preprocess.run(tiny_raw, tmp_path / "out", p.window, p.split, p.seed, report)
+        preprocess.run(tiny_raw, tmp_path / "out", p.window, p.split, tiny_folds(p.split.folds), report)
     assert not (tmp_path / "out").exists()
 
 
-def test_processed_contract_catches_non_finite_values(tmp_path, tiny_raw, tiny_params):
+def test_processed_contract_catches_non_finite_values(tmp_path, tiny_raw, tiny_params, tiny_folds):
     from covseg.data import load_raw
     from covseg.preprocessing import preprocess as write_processed
+    from covseg.preprocessing import read_folds
     from covseg.validation import validate_processed
 
     p = tiny_params
     out = tmp_path / "processed"
-    write_processed(load_raw(tiny_raw), out, p.window, p.split, p.seed)
+    raw = load_raw(tiny_raw)
+    write_processed(raw, out, p.window, p.split, read_folds(tiny_folds(p.split.folds), raw))
     images = np.load(out / "train_images.npy")
     images[0, :3, :3] = np.nan
     np.save(out / "train_images.npy", images)

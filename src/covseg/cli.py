@@ -22,6 +22,21 @@ def cmd_data_import(args, params: Params) -> None:
     print(summary(result["report"]))
     print(f"imported {args.source} -> {args.raw}"
           + (f"; recorded with DVC in {args.dvc_file}: md5 {result['data_version']}" if not args.no_record else ""))
+    if not args.no_record:
+        _folds(args.raw, args.folds, params)
+
+
+def _folds(raw: str, path: str, params: Params, force: bool = False) -> None:
+    from covseg.preprocessing import write_folds
+
+    if write_folds(raw, path, params.split.folds, params.seed, force):
+        print(f"dealt the labelled slices of {raw} into {params.split.folds} folds -> {path} (commit it)")
+    else:
+        print(f"{path} already fits the labelled slices of {raw}: kept")
+
+
+def cmd_folds(args, params: Params) -> None:
+    _folds(args.raw, args.out, params, args.force)
 
 
 def cmd_data_synth(args, params: Params) -> None:
@@ -34,6 +49,8 @@ def cmd_data_synth(args, params: Params) -> None:
     print(f"wrote {s.n_labelled} labelled and {s.n_test} test synthetic {s.size}x{s.size} slices (seed {s.seed}) "
           f"to {args.raw}" + (f"; recorded with DVC in {args.dvc_file}: md5 {result['data_version']}"
                               if not args.no_record else ""))
+    if not args.no_record:
+        _folds(args.raw, args.folds, params)
 
 
 def cmd_validate(args, params: Params) -> None:
@@ -52,7 +69,7 @@ def cmd_preprocess(args, params: Params) -> None:
     from covseg.stages import preprocess
     from covseg.validation import summary
 
-    result = preprocess.run(args.raw, args.out, params.window, params.split, params.seed, args.report)
+    result = preprocess.run(args.raw, args.out, params.window, params.split, args.folds, args.report)
     split = result["split"]
     print(summary(result["contract"]))
     print(f"{len(split['train_index'])} train / {len(split['val_index'])} validation slices "
@@ -110,7 +127,7 @@ def cmd_cv(args, params: Params) -> None:
     _, composed = compose(args.override, args.conf)  # what `dvc exp run` with the same -S would run
     name = args.name or composed.recipe
     out = args.out or f"{PATHS.cv}/{name}.json"
-    summary = cross_validate(args.raw, composed, out, folds, name)
+    summary = cross_validate(args.raw, composed, out, folds, name, args.folds_file)
     print(describe(summary))
     print(f"-> {out}")
 
@@ -147,8 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     for p, fn in ((imp, cmd_data_import), (syn, cmd_data_synth)):
         p.add_argument("--raw", default=PATHS.raw)
         p.add_argument("--dvc-file", default=PATHS.dvc_file)
-        p.add_argument("--no-record", action="store_true", help="do not record the new version with DVC")
+        p.add_argument("--folds", default=PATHS.folds, help=f"the folds file (default: {PATHS.folds})")
+        p.add_argument("--no-record", action="store_true",
+                       help="do not record the new version with DVC, nor write its folds file")
         p.set_defaults(func=fn)
+    p = sub.add_parser("folds", help="deal the labelled slices into split.folds burden-stratified folds, once: "
+                       f"{PATHS.folds}, which the pipeline and cross-validation read (commit it)")
+    p.add_argument("--raw", default=PATHS.raw)
+    p.add_argument("--out", default=PATHS.folds)
+    p.add_argument("--force", action="store_true", help="deal them again even if the file fits the data")
+    p.set_defaults(func=cmd_folds)
 
     def stage(name: str, help: str, func, **paths: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
@@ -160,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_help = "a checkpoint, or an MLflow model URI such as models:/covseg-unet@champion"
     stage("validate", "stage: the raw-data contract (Great Expectations)", cmd_validate,
           raw=PATHS.raw, report=PATHS.validation)
-    stage("preprocess", "stage: HU window, class indices, stratified split (of data that passed validate)",
-          cmd_preprocess, raw=PATHS.raw, report=PATHS.validation, out=PATHS.processed)
+    stage("preprocess", "stage: HU window, class indices, the validation fold of the folds file (of data that "
+          "passed validate)", cmd_preprocess, raw=PATHS.raw, report=PATHS.validation, folds=PATHS.folds,
+          out=PATHS.processed)
     p = stage("train", "stage: train the U-Net, keep the last (or best) checkpoint", cmd_train,
               data=PATHS.processed, model=PATHS.model, history=PATHS.history)
     p.add_argument("--state", default=PATHS.train_state,
@@ -181,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"composed from {PATHS.conf}/")
     p.add_argument("--conf", default=PATHS.conf, help=f"the recipes' folder (default: {PATHS.conf})")
     p.add_argument("--folds", help="only these folds, comma-separated (default: all split.folds)")
+    p.add_argument("--folds-file", default=PATHS.folds, help=f"the folds (default: {PATHS.folds})")
     p.add_argument("--name", help="the run's name in its summary (default: the recipe's)")
     p.add_argument("--out", help=f"summary JSON (default: {PATHS.cv}/<name>.json)")
     p.set_defaults(func=cmd_cv)

@@ -1,7 +1,7 @@
 """k-fold cross-validation of a recipe on the labelled slices: how covseg chooses epochs and recipes
 without ever looking at the test slices, and reports a mean and a spread instead of one lucky fold.
 
-Each fold is the `preprocess` split with `split.fold = k` (same seeded, burden-stratified folds), trained
+Each fold is the `preprocess` split with `split.fold = k` (the same folds, from the folds file), trained
 with the stage's own loop and scored on its held-out slices, exactly as the pipeline would. Folds are
 written as they finish (`fold<k>.json` beside the summary), so a killed run resumes where it stopped;
 a fold recorded for other params or other data is run again.
@@ -25,9 +25,9 @@ from covseg.data import fingerprint, load_raw, one_hot_to_index
 from covseg.errors import ParamsError
 from covseg.evaluation import confusion_matrix, dice_metrics, per_slice_table, summary_metrics
 from covseg.model import Ensemble, Segmenter, load_checkpoint, members, pick_device, predict_labels, predict_logits
-from covseg.names import DICE, KAGGLE_F1
+from covseg.names import DICE, KAGGLE_F1, PATHS
 from covseg.params import Params
-from covseg.preprocessing import assign_folds, window
+from covseg.preprocessing import read_folds, window
 from covseg.training import train, uses_bf16
 from covseg.validation import validate_raw
 
@@ -110,21 +110,22 @@ def summarise(folds: list[dict], table: pd.DataFrame) -> dict:
 
 
 def cross_validate(raw: str | Path, params: Params, out: str | Path, folds: Sequence[int] | None = None,
-                   name: str = "") -> dict:
+                   name: str = "", folds_file: str | Path = PATHS.folds) -> dict:
     """Cross-validate `params` on the labelled slices of the Kaggle-layout folder `raw` (which must
-    pass the data contract); write `out` (summary JSON), `fold<k>.json` and `per_slice.csv` beside it.
-    `folds` limits the run to some folds (the summary then says which). Returns the summary."""
+    pass the data contract), in the folds of `folds_file`; write `out` (summary JSON), `fold<k>.json` and
+    `per_slice.csv` beside it. `folds` limits the run to some folds (the summary then says which).
+    Returns the summary."""
     out = Path(out)
     data = load_raw(raw)
     validate_raw(data, params.validate_)  # raises ContractError: bad data never reaches training
     labels = one_hot_to_index(np.asarray(data.masks))
     images = window(np.asarray(data.images)[..., 0], params.window.hu_min, params.window.hu_max)
-    k = params.split.folds
+    fold_of = read_folds(folds_file, data)
+    k = int(fold_of.max()) + 1
     folds = list(range(k)) if folds is None else sorted(set(folds))
     if not folds or any(f < 0 or f >= k for f in folds):
-        raise ParamsError(f"folds {folds}: each must be in 0..{k - 1} (split.folds is {k})")
-    fold_of = assign_folds(labels, k, params.seed)
-    key = recipe_key(params, fingerprint(raw))
+        raise ParamsError(f"folds {folds}: each must be in 0..{k - 1} ({folds_file} has {k} folds)")
+    key = recipe_key(params, f"{fingerprint(raw)}:{fold_of.tolist()}")
 
     results, tables = [], []
     for fold in folds:

@@ -24,7 +24,8 @@ STAGES = ("validate", "preprocess", "train", "evaluate", "submit")
 
 # Default paths, relative to the project root; dvc.yaml passes the same ones.
 PATHS = SimpleNamespace(
-    params="params.yaml", conf="conf", dvc_file="data.dvc", raw="data/raw", processed="data/processed",
+    params="params.yaml", conf="conf", dvc_file="data.dvc", folds="folds.json", raw="data/raw",
+    processed="data/processed",
     model="models/model.pt", train_state="models/train_state.pt",
     history="reports/train_history.csv", validation="reports/validation.json",
     metrics="reports/metrics.json", evaluation="reports/evaluation", submission="submission",

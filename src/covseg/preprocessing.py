@@ -1,4 +1,7 @@
-"""Raw HU slices -> model inputs: HU window to [0, 1], one-hot to class index, burden-stratified folds."""
+"""Raw HU slices -> model inputs: HU window to [0, 1], one-hot to class index, and the folds.
+
+The folds are written once into a file (folds.json, as nnU-Net's splits_final.json), committed, and read
+by everything that splits the labelled slices: the pipeline's validation fold and cross-validation."""
 from __future__ import annotations
 
 import json
@@ -6,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from covseg.data import RawData, one_hot_to_index
-from covseg.errors import ParamsError
+from covseg.atomic import write_json
+from covseg.data import RawData, load_raw, one_hot_to_index
+from covseg.errors import DataError, ParamsError
 from covseg.names import SPLIT_FILE, processed_file
 from covseg.params import Split, Window
 
@@ -51,11 +55,74 @@ def assign_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold_of
 
 
-def preprocess(raw: RawData, out_dir: str | Path, win: Window, split: Split, seed: int) -> dict:
+def make_folds(raw: RawData, folds: int, seed: int) -> dict:
+    """The folds of the labelled slices by their ids (burden-stratified, `assign_folds`), nnU-Net style:
+    {"folds": [{"train": [ids], "val": [ids]}, ...]} in the order of the raw files."""
+    fold_of = assign_folds(one_hot_to_index(raw.masks), folds, seed)
+    ids = list(raw.train_ids)
+    return {"made_by": f"covseg folds: burden-stratified, {folds} folds, seed {seed}",
+            "folds": [{"train": [ids[i] for i in np.flatnonzero(fold_of != k)],
+                       "val": [ids[i] for i in np.flatnonzero(fold_of == k)]} for k in range(folds)]}
+
+
+def folds_of(folds: dict, raw: RawData, path: str | Path) -> np.ndarray:
+    """Each labelled slice's fold, as the folds file says; one DataError naming the file when it does not
+    cover exactly the labelled slices of `raw` (other data, or a file edited by hand)."""
+    try:
+        val = [list(f["val"]) for f in folds["folds"]]
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a folds file (expected {{'folds': [{{'train': [...], 'val': [...]}}]}}); "
+                        f"run `covseg folds --force`") from exc
+    where = {}
+    for k, ids in enumerate(val):
+        for sid in ids:
+            if sid in where:
+                raise DataError(f"{path}: slice {sid!r} is in folds {where[sid]} and {k}; run `covseg folds --force`")
+            where[sid] = k
+    ids = list(raw.train_ids)
+    missing, unknown = [s for s in ids if s not in where], [s for s in where if s not in set(ids)]
+    if missing or unknown:
+        raise DataError(f"{path} does not fit the labelled slices of the data: {len(missing)} slice(s) in no fold "
+                        f"{missing[:5]}, {len(unknown)} unknown {unknown[:5]}; for new data run `covseg folds` and "
+                        f"commit {Path(path).name}")
+    return np.asarray([where[s] for s in ids], dtype=np.int64)
+
+
+def read_folds(path: str | Path, raw: RawData) -> np.ndarray:
+    """Each labelled slice's fold, from the folds file at `path` (`folds_of`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no folds file; run `covseg folds` (it deals the labelled slices into "
+                        f"split.folds folds once) and commit it")
+    try:
+        folds = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); run `covseg folds --force`") from None
+    return folds_of(folds, raw, path)
+
+
+def write_folds(raw_dir: str | Path, path: str | Path, folds: int, seed: int, force: bool = False) -> bool:
+    """Write the folds file of the data in `raw_dir` unless one that fits it (same slices, `folds` folds) is
+    there already (`force`: always). Returns whether it wrote one."""
+    raw = load_raw(raw_dir)
+    if not force and Path(path).is_file():
+        try:
+            if read_folds(path, raw).max() + 1 == folds:
+                return False
+        except DataError:
+            pass
+    write_json(make_folds(raw, folds, seed), path)
+    return True
+
+
+def preprocess(raw: RawData, out_dir: str | Path, win: Window, split: Split, fold_of: np.ndarray) -> dict:
     """Write the processed arrays and split.json into the folder `out_dir` (which may be a staging
-    folder); returns the split summary."""
+    folder), fold `split.fold` of `fold_of` (each labelled slice's fold) being validation; returns the
+    split summary."""
     labels = one_hot_to_index(raw.masks)
-    fold_of = assign_folds(labels, split.folds, seed)
+    if fold_of.max() + 1 != split.folds:
+        raise ParamsError(f"split.folds = {split.folds}, but the folds file has {fold_of.max() + 1} folds: set "
+                          f"split.folds to that, or run `covseg folds --force` to deal the slices again")
     val = np.flatnonzero(fold_of == split.fold)
     train = np.flatnonzero(fold_of != split.fold)
     images = window(raw.images[..., 0], win.hu_min, win.hu_max)

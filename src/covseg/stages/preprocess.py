@@ -1,4 +1,4 @@
-"""Stage `preprocess`: HU window, class indices, burden-stratified folds -> data/processed/."""
+"""Stage `preprocess`: HU window, class indices, the validation fold of the folds file -> data/processed/."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from covseg.atomic import atomic_output
 from covseg.data import fingerprint, load_raw, one_hot_to_index
 from covseg.errors import DataError
 from covseg.params import Split, Window
-from covseg.preprocessing import lesion_burden, preprocess
+from covseg.preprocessing import lesion_burden, preprocess, read_folds
 from covseg.validation import validate_processed
 
 
@@ -24,14 +24,15 @@ def require_passed(report: str | Path, raw: str | Path) -> None:
         raise DataError(f"{report} was made for other data than {raw} now holds; run `covseg validate` again")
 
 
-def run(raw: str | Path, out: str | Path, win: Window, split: Split, seed: int, report: str | Path) -> dict:
-    """Write the processed folder from `raw`, which `report` (the validate stage's) must have passed; the
-    processed contract is checked before the folder replaces the old one.
+def run(raw: str | Path, out: str | Path, win: Window, split: Split, folds: str | Path, report: str | Path) -> dict:
+    """Write the processed folder from `raw`, which `report` (the validate stage's) must have passed, with
+    fold `split.fold` of the folds file `folds` as validation; the processed contract is checked before the
+    folder replaces the old one.
     Returns {"split": the split summary, "contract": the processed-data report}."""
     require_passed(report, raw)
     data = load_raw(raw)
     n_consolidation = int((lesion_burden(one_hot_to_index(data.masks))[:, 1] > 0).sum())
     with atomic_output(out, directory=True) as staging:
-        summary = preprocess(data, staging, win, split, seed)
+        summary = preprocess(data, staging, win, split, read_folds(folds, data))
         contract = validate_processed(staging, split.folds, len(data.images), n_consolidation)
     return {"split": summary, "contract": contract}
