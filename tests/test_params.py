@@ -123,6 +123,9 @@ def test_overrides_compose_on_top_of_a_recipe_with_yaml_values():
     ("train.init='$(touch /tmp/pwned).pt'", r"train\.init = .* is not allowed: must be empty, a registry model"),
     ("train.init=\"models:/x' or '1\"", r"train\.init = .* is not allowed"),
     ("train.lr=1,2", "Ambiguous value"),
+    ("train={epochs: 3}", "unknown key 'train'"),  # a nested override: a section is not a key
+    ("train.class_weights=[1, 2, 3, {lrr: 1}]", r"train\.class_weights\.3 = \{'lrr': 1\} is not allowed"),
+    ("model.class_bias={a: 1}", "Error merging override model.class_bias"),
 ])
 def test_a_bad_override_is_one_error_before_anything_is_composed(item, message, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
@@ -143,7 +146,8 @@ def test_cv_composes_its_recipe_like_dvc_exp_run(tmp_path, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(crossval, "cross_validate",
-                        lambda raw, params, out, folds, name: seen.update(params=params, out=out, name=name) or {})
+                        lambda raw, params, out, folds, name, folds_file: seen.update(params=params, out=out,
+                                                                                       name=name) or {})
     monkeypatch.setattr(crossval, "describe", lambda summary: "")
     conf = tmp_path / "conf"
     shutil.copytree(ROOT / PATHS.conf, conf)
