@@ -472,3 +472,29 @@ def test_an_ensemble_warm_starts_each_member_from_the_sources_own(params, slices
     trained, _ = load_checkpoint(tmp_path / "m.pt")
     for mine, theirs in zip(members(trained.unet), members(source), strict=True):
         assert torch.equal(mine.head.weight, theirs.head.weight)
+
+
+def test_training_shows_one_progress_bar_over_every_epoch_of_every_member(params, slices, tmp_path, monkeypatch):
+    """The bar's total is members x epochs and it moves once an epoch (its ETA is tqdm's); on_epoch still runs."""
+    from covseg import training
+
+    bars = []
+
+    class RecordingTqdm(training.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.ticks = 0
+            if kwargs.get("unit") == "epoch":
+                bars.append((kwargs["total"], self))
+
+        def update(self, n=1):
+            self.ticks += n
+            return super().update(n)
+
+    monkeypatch.setattr(training, "tqdm", RecordingTqdm)
+    x, y = slices
+    p = params.override({**TINY_TRAIN, "train.members": 2, "train.epochs": 2})
+    rows = []
+    train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "m.pt", on_epoch=rows.append)
+    [(total, bar)] = bars
+    assert total == 4 and bar.ticks == 4 and len(rows) == 4

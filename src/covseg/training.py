@@ -12,6 +12,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -306,24 +307,48 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
     data resumes from it (its earlier epochs are passed to `on_epoch` again), to the same result;
     an ensemble's members that had finished are not trained again (unless `t.init` warm-starts them)."""
     data = Slices(train_images, train_labels, val_images, val_labels)
-    if t.members == 1:
-        return pd.DataFrame(_train_member(t, m, data, seed, checkpoint, on_epoch, state))
+    with progress_bar(t.members * t.epochs, on_epoch) as on_epoch:
+        if t.members == 1:
+            return pd.DataFrame(_train_member(t, m, data, seed, checkpoint, on_epoch, state))
+        return _train_ensemble(t, m, data, seed, checkpoint, on_epoch, state)
+
+
+@contextmanager
+def progress_bar(epochs: int, on_epoch: Callable[[dict], None] | None):
+    """A terminal progress bar over every epoch of a training, with its ETA (none where stderr is not a
+    terminal, as in CI logs, which get one line per epoch instead); yields `on_epoch` that also moves it."""
+    bar = tqdm(total=epochs, desc="training", unit="epoch", dynamic_ncols=True, disable=None, position=0)
+
+    def tick(row: dict) -> None:
+        bar.update(1)
+        if on_epoch is not None:
+            on_epoch(row)
+
+    try:
+        yield tick
+    finally:
+        bar.close()
+
+
+def _train_ensemble(t: Train, m: ModelParams, data: Slices, seed: int, checkpoint: str | Path,
+                    on_epoch: Callable[[dict], None], state: str | Path | None) -> pd.DataFrame:
+    """`t.members` networks trained one after another (train's ensemble), saved as their Ensemble."""
     history, nets, device = [], [], pick_device(t.device)
     with tempfile.TemporaryDirectory(prefix="covseg-members-") as tmp:
         for k in range(t.members):
             def log(row: dict, k: int = k) -> None:
                 history.append({**row, "epoch": row["epoch"] + k * t.epochs, "member": k})
-                if on_epoch is not None:
-                    on_epoch(history[-1])
+                on_epoch(history[-1])
 
             member_state = None if state is None else Path(state).with_name(
                 f"{Path(state).stem}.member{k}{Path(state).suffix}")
             _train_member(t, m, data, seed + k, Path(tmp) / f"member{k}.pt", log, member_state, member=k)
             nets.append(load_checkpoint(Path(tmp) / f"member{k}.pt", device)[0].unet)
     model = segmenter(Ensemble(nets), t.scale, m)
-    preds = model.postprocess(torch.from_numpy(predict_logits(model, val_images, t.batch_size, device))).numpy()
+    logits = predict_logits(model, data.val_images, t.batch_size, device)
+    preds = model.postprocess(torch.from_numpy(logits)).numpy()
     save_checkpoint(model, checkpoint, epoch=t.epochs,
-                    val_kaggle_f1=summary_metrics(confusion_matrix(val_labels, preds))[KAGGLE_F1])
+                    val_kaggle_f1=summary_metrics(confusion_matrix(data.val_labels, preds))[KAGGLE_F1])
     return pd.DataFrame(history)
 
 
@@ -359,7 +384,8 @@ def _train_member(t: Train, m: ModelParams, data: Slices, seed: int, checkpoint:
         start = time.perf_counter()
         net.train()
         losses = []
-        bar = tqdm(loader, desc=f"epoch {epoch}/{t.epochs}", leave=False, dynamic_ncols=True, disable=None)
+        bar = tqdm(loader, desc=f"epoch {epoch}/{t.epochs}", leave=False, dynamic_ncols=True, disable=None,
+                   position=1)
         for batch in bar:
             # MetaTensors after MONAI transforms, plain tensors without any (the seed: no augmentation)
             xb = convert_to_tensor(batch["image"], track_meta=False).float()
