@@ -187,6 +187,8 @@ class Predict(Section):
     min_hu_range: float = Field(ge=0)     # max - min HU of a scan must reach this (0..1 or 0..255 data fails)
     air_hu_max: float                     # the darkest voxel must be air-like (below this) in a CT
     dicom_tolerance_mm: float = Field(gt=0)  # DICOM slice positions / spacings that agree within this
+    max_voxels: int = Field(ge=1)         # a scan claiming more voxels is refused before its data is read
+    max_slice_pixels: int = Field(ge=1)   # ... or more pixels in one slice
     overlays: int = Field(ge=0)           # overlay PNGs per scan: the slices with most findings
     severity_thresholds: list[Percent] = Field(min_length=1)
     chunk_size: int = Field(ge=1)         # scans per task of the predict flow (flows/predict.py)
