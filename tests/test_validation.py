@@ -1,10 +1,13 @@
 """The data contracts: good data passes, each kind of corruption fails with the right expectation named."""
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from covseg.data import load_raw, write_raw
 from covseg.errors import DataError
+from covseg.names import RAW_IMAGES, RAW_TEST_IMAGES
 from covseg.validation import ContractError, summary, validate_raw, validate_submission
 
 
@@ -93,7 +96,75 @@ def _near_copy_in_test(images, masks, test):  # a test slice that is a labelled 
     return images, masks, test
 
 
+def _masks_moved(dy, dx):  # masks registered a few pixels off their images
+    def fn(images, masks, test):
+        return images, np.roll(masks, (dy, dx), axis=(1, 2)), test
+    fn.__name__ = f"_masks_moved_{dy}_{dx}"
+    return fn
+
+
+def _masks_flipped(images, masks, test):  # masks upside down relative to their images
+    return images, masks[:, ::-1], test
+
+
+def _masks_of_other_slices(images, masks, test):  # every mask paired with the next slice's image
+    return images, np.roll(masks, 1, axis=0), test
+
+
+def _hu_offset(images, masks, test):  # a calibration offset: every labelled image +100 HU
+    return images + 100, masks, test
+
+
+def _test_hu_offset(images, masks, test):  # the test file alone +100 HU
+    return images, masks, test + 100
+
+
+def _leak(transform):  # test slice 1 is labelled slice 2 under a simple transform
+    def fn(images, masks, test):
+        test[1] = transform(images[2])
+        return images, masks, test
+    fn.__name__ = f"_leak_{transform.__name__}"
+    return fn
+
+
+def plus_20_hu(x):
+    return x + 20
+
+
+def mirrored(x):
+    return x[:, ::-1]
+
+
+def shifted_2_px(x):
+    return np.roll(x, 2, axis=1)
+
+
+def shifted_3_px_down_1_left(x):
+    return np.roll(x, (3, -1), axis=(0, 1))
+
+
+def mirrored_shifted_and_offset(x):
+    return np.roll(x[:, ::-1], (-2, 1), axis=(0, 1)) - 30
+
+
+REGISTRATION = ("mask_edge_fit", "mask_edge_contrast_hu")
+CALIBRATION = ("outside_air_hu", "lung_parenchyma_hu")
+
+
 @pytest.mark.parametrize("corruption,column", [
+    (_masks_moved(0, 3), REGISTRATION),
+    (_masks_moved(3, 0), REGISTRATION),
+    (_masks_moved(-2, 2), REGISTRATION),
+    (_masks_moved(0, -6), REGISTRATION),
+    (_masks_flipped, REGISTRATION),
+    (_masks_of_other_slices, REGISTRATION),
+    (_hu_offset, CALIBRATION),
+    (_test_hu_offset, CALIBRATION),
+    (_leak(plus_20_hu), "nearest_slice_hu"),
+    (_leak(mirrored), "nearest_slice_hu"),
+    (_leak(shifted_2_px), "nearest_slice_hu"),
+    (_leak(shifted_3_px_down_1_left), "nearest_slice_hu"),
+    (_leak(mirrored_shifted_and_offset), "nearest_slice_hu"),
     (_swapped_findings, "consolidation_minus_ggo_hu"),
     (_wiped_labels, "frac_lung"),
     (_no_lung, "frac_lung"),
@@ -154,3 +225,52 @@ def test_submission_contract():
     failed = {c["expectation"] for c in info.value.report["checks"] if not c["success"]}
     assert failed == {"expect_table_row_count_to_equal", "expect_column_values_to_be_unique",
                       "expect_column_values_to_be_in_set"}
+
+
+def _failures(tmp_path, arrays, corruption, params):
+    bad = _corrupt(tmp_path, arrays, corruption)
+    with pytest.raises(ContractError) as info:
+        validate_raw(load_raw(bad), params.validate_)
+    checks = {c["kwargs"].get("column"): c for c in info.value.report["checks"] if not c["success"]}
+    return checks, str(info.value)
+
+
+def test_misregistered_masks_fail_on_every_slice_and_name_the_better_fit(tmp_path, tiny_arrays, params):
+    checks, message = _failures(tmp_path, tiny_arrays, _masks_moved(0, 3), params)
+    rows = checks["mask_edge_fit"]["failing_rows"]
+    assert sorted(r["index"] for r in rows) == list(range(len(tiny_arrays[0]))), message
+    assert "fits best moved by (0, -3) px" in message, message
+
+
+def test_calibration_offset_names_the_file_its_slices_and_the_median(tmp_path, tiny_arrays, params):
+    checks, message = _failures(tmp_path, tiny_arrays, _hu_offset, params)
+    air = [c for c in checks.values() if c["kwargs"].get("column") == "outside_air_hu"]
+    assert air and all(RAW_TEST_IMAGES not in c["check"] for c in air), "the test file is well calibrated"
+    assert -920 < air[0]["observed"] < -880, air[0]
+    assert f"{RAW_IMAGES}: slices 0 (outside_air_hu=" in message, message
+    assert re.search(r"observed: -(899|900)", message), message
+
+
+@pytest.mark.parametrize("transform,what", [(plus_20_hu, "+20 HU"), (mirrored, "mirrored"),
+                                            (shifted_2_px, "moved by (0, 2) px"),
+                                            (mirrored_shifted_and_offset, "mirrored, moved by (-2, 1) px, -30 HU")])
+def test_leak_names_both_slices_and_the_transform(tmp_path, tiny_arrays, params, transform, what):
+    checks, message = _failures(tmp_path, tiny_arrays, _leak(transform), params)
+    rows = {(r["file"], r["index"]): r for r in checks["nearest_slice_hu"]["failing_rows"]}
+    assert set(rows) == {(RAW_TEST_IMAGES, 1), (RAW_IMAGES, 2)}, message
+    assert rows[RAW_TEST_IMAGES, 1]["nearest_slice_hu"] < 1, rows
+    assert f"{RAW_TEST_IMAGES}: slices 1 (nearest_slice_hu=" in message, message
+    assert f"{RAW_IMAGES} 2, {what}" in message, message
+    assert f"{RAW_IMAGES}: slices 2 (" in message and f"{RAW_TEST_IMAGES} 1" in message, message
+
+
+@pytest.mark.parametrize("key,value,check", [
+    ("validate.min_mask_edge_fit", 1.01, "label outline sits on the image's edges"),
+    ("validate.min_mask_edge_contrast_hu", 5000, "lung label is darker than just outside it"),
+    ("validate.outside_air_hu_max", -1100, "HU calibration"),
+    ("validate.lung_parenchyma_hu_max", -1000, "HU calibration"),
+    ("validate.near_duplicate_hu", 1e6, "no near-copies"),
+])
+def test_new_thresholds_come_from_params(tiny_raw, params, key, value, check):
+    with pytest.raises(ContractError, match=check):
+        validate_raw(load_raw(tiny_raw), params.override({key: value}).validate_)

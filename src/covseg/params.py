@@ -157,6 +157,12 @@ class Validate(Section):
     min_finding_pixels: int = Field(ge=1)
     near_duplicate_hu: float = Field(ge=0)
     thumbnail_size: int = Field(ge=8)
+    near_duplicate_shift_px: int = Field(ge=0, le=16)  # near-copies searched also moved by up to this
+    min_mask_edge_fit: float = Field(ge=0)             # lung outline's gradient in place / best moved
+    registration_search_px: int = Field(ge=1, le=64)   # ... moved by up to this
+    min_mask_edge_contrast_hu: float                   # HU just outside the lung label minus just inside
+    outside_air_hu_max: float                          # a file's median outside-air HU
+    lung_parenchyma_hu_max: float                      # a file's median aerated-lung HU
 
 
 class Tracking(Section):

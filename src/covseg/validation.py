@@ -49,8 +49,69 @@ def _image_facts(image: np.ndarray) -> dict:
     }
 
 
-def _mask_facts(mask: np.ndarray, image: np.ndarray | None, body_hu: float,
-                min_finding_pixels: int) -> dict:
+EDGE_HU = (-1000.0, 200.0)  # air .. soft tissue: the range in which the lung's edges are measured (bone and
+#                             metal would dominate the image gradient)
+EDGE_SIGMA = 0.7            # pixels: the gradient's smoothing (sharper falls off faster when the outline is moved)
+BAND_PX = 2                 # pixels: the bands just inside and just outside the lung label's outline
+MIN_AIR_FRACTION = 0.01     # a slice's outside air (or in-body air) is measured where it covers this much of it
+
+
+def _body(hu: np.ndarray, body_hu: float) -> np.ndarray:
+    """Inside of the body: tissue, and what it encloses; air connected to the border is outside."""
+    return ndimage.binary_fill_holes(hu > body_hu)
+
+
+def _calibration_facts(hu: np.ndarray, body: np.ndarray, body_hu: float) -> dict:
+    """HU of the two anchors a calibration offset moves: outside air (-1000 HU) and aerated lung (about -850)."""
+    outside = ndimage.binary_erosion(~body, iterations=2)  # away from the skin's partial-volume edge
+    inside = body & (hu < body_hu)
+    enough = MIN_AIR_FRACTION * hu.size
+    return {"outside_air_hu": float(np.median(hu[outside])) if outside.sum() >= enough else None,
+            "lung_parenchyma_hu": float(np.percentile(hu[inside], 25)) if inside.sum() >= enough else None}
+
+
+def _edge_fit(outline: np.ndarray, gradient: np.ndarray, search_px: int) -> tuple[float, tuple[int, int]]:
+    """Mean image gradient under `outline` where it is, divided by the most under it moved by up to `search_px`
+    pixels either way (1: it fits best where it is), and the move that fits best."""
+    from scipy import fft
+
+    r = search_px
+    shape = tuple(fft.next_fast_len(n + r, real=True) for n in outline.shape)  # zero-padded: no wrap-around
+    corr = fft.irfft2(np.conj(fft.rfft2(outline.astype(np.float32), shape)) * fft.rfft2(gradient, shape), shape)
+    window = np.roll(corr, (r, r), axis=(0, 1))[: 2 * r + 1, : 2 * r + 1]  # window[r + dy, r + dx]: moved by (dy, dx)
+    best = np.unravel_index(np.argmax(window), window.shape)
+    return float(window[r, r] / max(window.max(), 1e-9)), (int(best[0]) - r, int(best[1]) - r)
+
+
+def _registration_facts(hu: np.ndarray, labels: np.ndarray, v: Validate) -> dict:
+    """Does the lung label (findings included) sit where the image's aerated lung is? Its outline, where aerated
+    lung ('lungs other') lies along it, must fit the image's air/tissue edges better than the same outline moved
+    by a few pixels, and the image must be darker just inside it than just outside."""
+    lung, aerated = labels <= 2, labels == 2
+    facts = {"mask_edge_fit": None, "mask_best_fit": "", "mask_edge_contrast_hu": None}
+    if aerated.sum() < v.min_finding_pixels or lung.all():
+        return facts
+    # the lung's bounding box and a margin (the search, the bands, the gradient's reach): the same numbers, faster
+    margin = v.registration_search_px + BAND_PX + 4
+    (y0, y1), (x0, x1) = ((max(0, int(k[0]) - margin), int(k[-1]) + margin + 1)
+                          for k in (np.flatnonzero(lung.any(1)), np.flatnonzero(lung.any(0))))
+    hu, lung, aerated = np.clip(hu[y0:y1, x0:x1], *EDGE_HU), lung[y0:y1, x0:x1], aerated[y0:y1, x0:x1]
+    near_aerated = ndimage.binary_dilation(aerated, iterations=BAND_PX)
+    eroded = ndimage.binary_erosion(lung, border_value=1)
+    outline = (ndimage.binary_dilation(lung) ^ eroded) & near_aerated
+    if outline.sum() >= v.min_finding_pixels:
+        gradient = ndimage.gaussian_gradient_magnitude(hu.astype(np.float32), EDGE_SIGMA)
+        fit, (dy, dx) = _edge_fit(outline, gradient, v.registration_search_px)
+        facts["mask_edge_fit"] = fit
+        facts["mask_best_fit"] = f"fits best moved by ({dy}, {dx}) px" if (dy, dx) != (0, 0) else "fits best in place"
+    inner = aerated & ~ndimage.binary_erosion(lung, iterations=BAND_PX, border_value=1)
+    outer = near_aerated & ~lung
+    if inner.any() and outer.any():
+        facts["mask_edge_contrast_hu"] = float(hu[outer].mean() - hu[inner].mean())
+    return facts
+
+
+def _mask_facts(mask: np.ndarray, hu: np.ndarray | None, body: np.ndarray | None, v: Validate) -> dict:
     binary = np.isin(mask, (0, 1))
     counts = mask.astype(np.int64).sum(-1)
     labels = np.argmax(mask, -1)
@@ -61,40 +122,89 @@ def _mask_facts(mask: np.ndarray, image: np.ndarray | None, body_hu: float,
            for c, name in enumerate(SHORT)},
     }
     facts["frac_lesion"] = facts["frac_ggo"] + facts["frac_consolidation"]
-    if image is not None and image.shape[:2] == mask.shape[:2]:
-        hu = np.nan_to_num(image.astype(np.float64), nan=-1000.0)
+    if hu is not None and hu.shape[:2] == mask.shape[:2]:
         lesion = labels <= 1
-        body = ndimage.binary_fill_holes(hu > body_hu)  # air connected to the border is outside the body
         facts["lesion_outside_body"] = float((lesion & ~body).sum() / max(lesion.sum(), 1))
         lung = (labels == 2) & body
         facts["lung_hu_mean"] = float(hu[lung].mean()) if lung.any() else -1000.0
         # consolidation is denser than ground glass; where a slice has enough of both, compare them
         ggo, cons = labels == 0, labels == 1
-        enough = ggo.sum() >= min_finding_pixels and cons.sum() >= min_finding_pixels
+        enough = ggo.sum() >= v.min_finding_pixels and cons.sum() >= v.min_finding_pixels
         facts["consolidation_minus_ggo_hu"] = float(hu[cons].mean() - hu[ggo].mean()) if enough else None
+        facts.update(_registration_facts(hu, labels, v))
     facts["frac_lung"] = float((labels <= 2).mean())  # lung, findings included
     return facts
 
 
-def _thumbnails(images: np.ndarray, side: int) -> np.ndarray:
-    """(N, H, W) HU -> (N, side', side') block means of the HU clipped to [-1000, 400] (a CT window)."""
-    n, h, w = images.shape
+# Near-copies: two slices are compared on thumbnails (box means of about `side` pixels) of their HU minus the
+# slice's median (so a calibration offset does not hide a copy), as they are and with one of them mirrored left
+# to right, at every move of up to `max_shift` pixels (thumbnails sampled off the grid of block centres).
+
+COPY_HU = 1500.0  # HU clipped to +-this before the comparison (real values lie well inside; bone and metal less)
+
+
+def _copy_grid(h: int, w: int, side: int, max_shift: int):
+    """Block size, and the block centres (rows, columns) at least `max_shift` pixels inside the slice."""
     f = max(1, min(h, w) // side)
-    cropped = np.clip(np.nan_to_num(images[:, : h // f * f, : w // f * f].astype(np.float32), nan=-1000.0),
-                      -1000, 400)
-    return cropped.reshape(n, h // f, f, w // f, f).mean((2, 4))
+    rows = np.arange(max_shift + f // 2, h - max_shift - f + f // 2 + 1, f)
+    cols = np.arange(max_shift + f // 2, w - max_shift - f + f // 2 + 1, f)
+    return f, rows, cols
 
 
-def nearest_slice_distance(images: np.ndarray, side: int) -> np.ndarray:
-    """Per slice: mean absolute HU difference (on thumbnails of about `side` pixels) to the most similar
-    other slice."""
-    thumbs = _thumbnails(images, side).reshape(len(images), -1)
-    out = np.full(len(images), np.inf)
-    for i in range(len(images)):
-        d = np.abs(thumbs - thumbs[i]).mean(1)
-        d[i] = np.inf
-        out[i] = d.min()
+def _boxed(image: np.ndarray, f: int) -> tuple[np.ndarray, float]:
+    """The slice's HU (NaN as air) minus its median, box-filtered with an odd box of about f pixels (an odd box
+    commutes with mirroring); and the median."""
+    hu = np.clip(np.nan_to_num(np.asarray(image, np.float32), nan=-1000.0, posinf=COPY_HU, neginf=-COPY_HU),
+                 -COPY_HU, COPY_HU)
+    median = float(np.median(hu))
+    return ndimage.uniform_filter(hu - median, f | 1, mode="nearest"), median
+
+
+def nearest_slices(images, side: int, max_shift: int, candidates: int = 5) -> list[tuple]:
+    """For each slice of `images` ((N, H, W), any sequence of slices): (distance, j, mirrored, (dy, dx), offset)
+    of the most similar other slice j: the mean absolute HU difference of the thumbnails where slice i is slice j
+    (mirrored left to right if `mirrored`) moved by (dy, dx) pixels, plus `offset` HU (offset removed). Slices are
+    first ranked on blurred thumbnails; the `candidates` nearest are then searched for the best move."""
+    n = len(images)
+    if n < 2:
+        return [(np.inf, -1, False, (0, 0), 0.0)] * n
+    h, w = np.shape(images[0])[:2]
+    f, rows, cols = _copy_grid(h, w, side, max_shift)
+    if not (rows.size and cols.size):  # slices too small to compare
+        return [(np.inf, -1, False, (0, 0), 0.0)] * n
+    plain, mirror, medians, boxes = [], [], [], []
+    for image in images:
+        boxed, median = _boxed(image, f)
+        plain.append(boxed[np.ix_(rows, cols)])
+        mirror.append(boxed[:, ::-1][np.ix_(rows, cols)])
+        medians.append(median)
+        boxes.append(boxed)
+    plain, mirror = np.stack(plain), np.stack(mirror)
+    blur = (0, max(1.0, max_shift / f), max(1.0, max_shift / f))  # in thumbnail pixels: a move barely changes it
+    coarse = ndimage.gaussian_filter(plain, blur).reshape(n, -1)
+    coarse_mirror = ndimage.gaussian_filter(mirror, blur).reshape(n, -1)
+    moves = [(dy, dx) for dy in range(-max_shift, max_shift + 1) for dx in range(-max_shift, max_shift + 1)]
+    out: list = [(np.inf, -1, False, (0, 0), 0.0)] * n
+    for i in range(n):
+        rough = np.minimum(np.abs(coarse - coarse[i]).mean(1), np.abs(coarse_mirror - coarse[i]).mean(1))
+        rough[i] = np.inf
+        near = np.argsort(rough)[: min(candidates, n - 1)]
+        moved = np.stack([boxes[i][np.ix_(rows + dy, cols + dx)] for dy, dx in moves]).reshape(len(moves), -1)
+        refs = np.concatenate([plain[near], mirror[near]]).reshape(2 * len(near), -1)
+        d = np.abs(moved[:, None, :] - refs[None, :, :]).mean(-1)  # (moves, refs)
+        m, r = np.unravel_index(np.argmin(d), d.shape)
+        j, mirrored, (dy, dx), dist = int(near[r % len(near)]), bool(r >= len(near)), moves[m], float(d[m, r])
+        if dist < out[i][0]:
+            out[i] = (dist, j, mirrored, (dy, dx), medians[i] - medians[j])
+        if dist < out[j][0]:  # the same pair seen from j: j is i (mirrored back), moved back
+            out[j] = (dist, i, mirrored, (-dy, dx) if mirrored else (-dy, -dx), medians[j] - medians[i])
     return out
+
+
+def _describe_copy(name: str, mirrored: bool, move: tuple, offset: float) -> str:
+    parts = [name] + (["mirrored"] if mirrored else []) + ([f"moved by {move} px"] if move != (0, 0) else []) \
+        + ([f"{offset:+.0f} HU"] if abs(offset) >= 0.5 else [])
+    return ", ".join(parts)
 
 
 def raw_facts(raw: RawData, v: Validate) -> pd.DataFrame:
@@ -106,20 +216,32 @@ def raw_facts(raw: RawData, v: Validate) -> pd.DataFrame:
                "slice_id": raw.train_ids[i] if i < len(raw.train_ids) else i,
                "has_image": i < n_img, "has_mask": i < n_mask}
         image = np.asarray(raw.images[i, ..., 0]) if i < n_img else None
+        hu = body = None
         if image is not None:
+            hu = np.nan_to_num(image.astype(np.float64), nan=-1000.0)
+            body = _body(hu, v.body_hu)
             row.update(_image_facts(image))
+            row.update(_calibration_facts(hu, body, v.body_hu))
         if i < n_mask:
-            row.update(_mask_facts(np.asarray(raw.masks[i]), image, v.body_hu, v.min_finding_pixels))
+            row.update(_mask_facts(np.asarray(raw.masks[i]), hu, body, v))
         rows.append(row)
     for i in range(len(raw.test_images)):
+        image = np.asarray(raw.test_images[i, ..., 0])
+        hu = np.nan_to_num(image.astype(np.float64), nan=-1000.0)
         rows.append({"file": RAW_TEST_IMAGES, "index": i, "role": "test", "slice_id": raw.test_ids[i],
-                     "has_image": True, "has_mask": True,
-                     **_image_facts(np.asarray(raw.test_images[i, ..., 0]))})
+                     "has_image": True, "has_mask": True, **_image_facts(image),
+                     **_calibration_facts(hu, _body(hu, v.body_hu), v.body_hu)})
     table = pd.DataFrame(rows)
     if raw.images.shape[1:] == raw.test_images.shape[1:]:  # else the geometry expectations fail
-        every = np.concatenate([np.asarray(raw.images[..., 0]), np.asarray(raw.test_images[..., 0])])
-        nearest = nearest_slice_distance(every, v.thumbnail_size)
-        table.loc[table["has_image"], "nearest_slice_hu"] = nearest
+        every = [raw.images[i, ..., 0] for i in range(n_img)] + \
+                [raw.test_images[i, ..., 0] for i in range(len(raw.test_images))]
+        names = [f"{RAW_IMAGES} {i}" for i in range(n_img)] + \
+                [f"{RAW_TEST_IMAGES} {i}" for i in range(len(raw.test_images))]
+        nearest = nearest_slices(every, v.thumbnail_size, v.near_duplicate_shift_px)
+        table.loc[table["has_image"], "nearest_slice_hu"] = [d for d, *_ in nearest]
+        table.loc[table["has_image"], "nearest_slice"] = [
+            _describe_copy(names[j], mirrored, move, offset) if j >= 0 else ""
+            for _, j, mirrored, move, offset in nearest]
     return table
 
 
@@ -176,9 +298,37 @@ def raw_expectations(facts: pd.DataFrame, raw: RawData, v: Validate) -> list:
                                           min_value=v.min_consolidation_minus_ggo_hu, **cond,
                                           meta={"check": "consolidation is denser than ground glass "
                                                          "(finding channels not swapped)"}),
+        gxe.ExpectColumnValuesToBeBetween(column="mask_edge_fit", min_value=v.min_mask_edge_fit, **cond,
+                                          meta={"check": "the lung label outline sits on the image's edges "
+                                                         "(mask not moved against its image)",
+                                                "detail": "mask_best_fit"}),
+        gxe.ExpectColumnValuesToBeBetween(column="mask_edge_contrast_hu", min_value=v.min_mask_edge_contrast_hu,
+                                          **cond, meta={"check": "the lung label is darker than just outside it "
+                                                                 "(mask matches image)"}),
         gxe.ExpectColumnValuesToBeBetween(column="nearest_slice_hu", min_value=v.near_duplicate_hu,
-                                          meta={"check": "no near-copies among the slices (train or test)"}),
+                                          meta={"check": "no near-copies among the slices (train or test), "
+                                                         "also offset in HU, mirrored or moved a few pixels",
+                                                "detail": "nearest_slice"}),
+        *_calibration_expectations(facts, v),
     ]
+
+
+def _calibration_expectations(facts: pd.DataFrame, v: Validate) -> list:
+    """Per file: the median over its slices of the HU of outside air and of aerated lung. A slice's own values vary
+    with its export; an offset of a whole file moves the median."""
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
+
+    out = []
+    for role, file in (("labelled", RAW_IMAGES), ("test", RAW_TEST_IMAGES)):
+        for column, top, anchor in (("outside_air_hu", v.outside_air_hu_max, "outside air is near -1000 HU"),
+                                    ("lung_parenchyma_hu", v.lung_parenchyma_hu_max,
+                                     "aerated lung is near -850 HU")):
+            if column in facts and facts.loc[facts["role"] == role, column].notna().any():
+                out.append(gxe.ExpectColumnMedianToBeBetween(
+                    column=column, max_value=top, row_condition=Column("role") == role,
+                    meta={"check": f"HU calibration of {file}: {anchor} (median over its slices)", "rows_of": role}))
+    return out
 
 
 def run_suite(name: str, table: pd.DataFrame, expectations: list, index_columns: list[str] | None = None) -> dict:
@@ -212,6 +362,7 @@ def run_suite(name: str, table: pd.DataFrame, expectations: list, index_columns:
             check["sample_values"] = res.get("partial_unexpected_list", [])[:10]
         if r.exception_info and r.exception_info.get("raised_exception"):
             check["error"] = r.exception_info.get("exception_message")
+        check.update({k: v for k, v in (cfg.meta or {}).items() if k in ("detail", "rows_of")})
         checks.append(check)
     return to_jsonable({"suite": name, "success": bool(result.success), "rows": len(table), "checks": checks})
 
@@ -232,23 +383,48 @@ def summary(report: dict) -> str:
         if c.get("failing_rows"):
             by_file: dict[str, list[str]] = {}
             for row in c["failing_rows"]:
+                detail = f"; {row[c['detail']]}" if row.get(c.get("detail")) else ""
                 by_file.setdefault(row.get("file", row.get("part", "?")), []).append(
-                    f"{row.get('index', '?')} ({column}={row.get(column)})")
+                    f"{row.get('index', '?')} ({column}={_short(row.get(column))}{detail})")
             for file, items in by_file.items():
                 more = c.get("unexpected_count", len(items)) - len(items) if len(by_file) == 1 else 0
                 lines.append(f"    {file}: slices " + ", ".join(items[:12])
                              + (f" ... and {more + len(items) - 12} more" if len(items) > 12 or more > 0 else ""))
-        elif "observed" in c:
-            lines.append(f"    observed: {c['observed']}")
+        if "observed" in c:
+            lines.append(f"    observed: {_short(c['observed'])}")
         if c.get("sample_values"):
             lines.append(f"    {c.get('unexpected_count')} unexpected values, e.g. {c['sample_values']}")
     return "\n".join(lines)
+
+
+def _short(value):
+    return f"{value:.5g}" if isinstance(value, float) else value
+
+
+def _name_rows(report: dict, facts: pd.DataFrame) -> None:
+    """Failed checks of a whole file list its slices (`rows_of`, with their values); failing rows get the
+    `detail` column of their slice (the slice a near-copy copies, the move a mask fits best at)."""
+    by_key = {(r["file"], r["index"]): r for r in facts.to_dict(orient="records")}
+    for c in report["checks"]:
+        if c["success"]:
+            continue
+        column = c["kwargs"].get("column")
+        if c.get("rows_of"):
+            rows = facts[(facts["role"] == c["rows_of"]) & facts[column].notna()]
+            c["failing_rows"] = [{"file": r["file"], "index": r["index"], column: r[column]}
+                                 for r in rows.head(50).to_dict(orient="records")]
+            c["unexpected_count"] = len(rows)
+        if c.get("detail"):
+            for row in c.get("failing_rows", []):
+                row[c["detail"]] = by_key.get((row.get("file"), row.get("index")), {}).get(c["detail"])
 
 
 def validate_raw(raw: RawData, v: Validate) -> dict:
     """The raw-data contract; raises ContractError on failure, returns the report."""
     facts = raw_facts(raw, v)
     report = run_suite("raw_data", facts, raw_expectations(facts, raw, v), ["file", "index"])
+    _name_rows(report, facts)
+    report = to_jsonable(report)
     report["source"] = str(raw.directory)
     report["facts"] = facts.drop(columns=["hash"]).to_dict(orient="records")
     if not report["success"]:
