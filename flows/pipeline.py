@@ -8,7 +8,7 @@ repository's recipes (conf/) against the params schema before anything is cloned
 
     train           one run (the `train/gpu` deployment; `train/nightly` retrains when the data changed)
     sweep           a list of override lists, each its own `train/gpu` run on the pool; best one promoted
-    cross_validate  k folds in parallel on the pool; mean and spread of kaggle_f1
+    cross_validate  the folds of folds.json in parallel on the pool; mean and spread of kaggle_f1
 
 With no PREFECT_API_URL the same flows run locally (sweep and cross_validate then run the trainings
 one after another in this process).
@@ -240,23 +240,28 @@ def sweep(param_sets: list[list[str]], repo: str | None = None, deployment: str 
 
 
 @flow(name="cross_validate", log_prints=True)
-def cross_validate(folds: int = 5, overrides: list[str] | None = None, repo: str | None = None,
+def cross_validate(overrides: list[str] | None = None, folds: list[int] | None = None, repo: str | None = None,
                    deployment: str | None = "train/gpu") -> dict:
-    """k-fold cross-validation: fold i of `split.folds` = k as validation, all folds at once, of the
-    recipe and keys `overrides` choose (the same as `covseg cv`, spread over the pool)."""
+    """Cross-validation in the folds of the repository's folds file: each fold (`folds`, default all
+    `split.folds`) as validation, all at once, of the recipe and keys `overrides` choose (the same as
+    `covseg cv`, spread over the pool)."""
     repo_path = resolve_repo(repo)
     deployment = checked_deployment(deployment, "train", "sweeps and cross-validation")
-    base, _ = checked_overrides(repo_path, overrides)
-    sets = [[*base, f"split.folds={int(folds)}", f"split.fold={i}"] for i in range(folds)]
-    rows = _fan_out(sets, repo_path, deployment)
+    base, params = checked_overrides(repo_path, overrides)
+    k = params.split.folds
+    folds = list(range(k)) if folds is None else list(folds)
+    if not folds or any(not isinstance(f, int) or not 0 <= f < k for f in folds) or len(set(folds)) < len(folds):
+        raise ParamsError(f"folds {folds!r}: distinct fold numbers in 0..{k - 1} (split.folds is {k})")
+    rows = _fan_out([[*base, f"split.fold={i}"] for i in folds], repo_path, deployment)
     summary = {**fold_summary([r[KAGGLE_F1] for r in rows]), "runs": rows}
-    print(f"{folds}-fold {KAGGLE_F1} {summary[f'{KAGGLE_F1}_mean']:.4f} +- {summary[f'{KAGGLE_F1}_std']:.4f}")
+    print(f"{len(folds)} of {k} folds: {KAGGLE_F1} {summary[f'{KAGGLE_F1}_mean']:.4f} "
+          f"+- {summary[f'{KAGGLE_F1}_std']:.4f}")
     return summary
 
 
 def main(argv: list[str]) -> None:
     """python -m flows.pipeline train '["train.epochs=3"]' | sweep '[["train.lr=0.002"], ["recipe=seed"]]'
-    | cross_validate 5 '["recipe=seed"]'"""
+    | cross_validate '["recipe=seed"]' ['[0, 1]']"""
     if not argv or argv[0] not in ("train", "sweep", "cross_validate"):
         raise SystemExit(main.__doc__)
     command, arg = argv[0], (argv[1] if len(argv) > 1 else None)
@@ -266,7 +271,8 @@ def main(argv: list[str]) -> None:
     elif command == "sweep":
         result = sweep(json.loads(arg), deployment=deployment)
     else:
-        result = cross_validate(int(arg or 5), json.loads(argv[2]) if len(argv) > 2 else None, deployment=deployment)
+        result = cross_validate(json.loads(arg) if arg else None, json.loads(argv[2]) if len(argv) > 2 else None,
+                                deployment=deployment)
     print(json.dumps(result, indent=1, default=str))
 
 

@@ -116,17 +116,24 @@ def test_nightly_retrains_on_new_data_and_lets_the_gate_compare_across_data_vers
 
 
 def test_cross_validate_runs_every_fold_and_summarises(fake_pipeline):
-    summary = pipeline.cross_validate(folds=3, overrides=["train.epochs=1"], deployment=None)
+    summary = pipeline.cross_validate(overrides=["train.epochs=1"], deployment=None)
     runs = [c[1] for c in fake_pipeline if c[0] == "dvc exp run"]
-    assert runs == [["train.epochs=1", "split.folds=3", f"split.fold={i}"] for i in range(3)]
-    assert summary["folds"] == 3 and summary["kaggle_f1_mean"] == pytest.approx(0.6)
+    assert runs == [["train.epochs=1", f"split.fold={i}"] for i in range(5)], "every fold of folds.json"
+    assert summary["folds"] == 5 and summary["kaggle_f1_mean"] == pytest.approx(0.7)
     assert "promote" not in [c[0] for c in fake_pipeline]
 
 
 @pytest.mark.parametrize("deployment", ["sweep/control", "train/gpu; rm -rf /", "other/x"])
 def test_fan_out_launches_train_deployments_only(fake_pipeline, deployment):
     with pytest.raises(ParamsError, match="is not allowed: sweeps and cross-validation launch"):
-        pipeline.cross_validate(folds=2, deployment=deployment)
+        pipeline.cross_validate(folds=[0, 1], deployment=deployment)
+    assert fake_pipeline == []
+
+
+@pytest.mark.parametrize("folds", [[5], [-1], [0, 0], []])
+def test_cross_validate_refuses_folds_the_folds_file_does_not_have(fake_pipeline, folds):
+    with pytest.raises(ParamsError, match=r"distinct fold numbers in 0\.\.4"):
+        pipeline.cross_validate(folds=folds, deployment=None)
     assert fake_pipeline == []
 
 
@@ -146,8 +153,8 @@ def test_a_recipe_and_overrides_are_checked_against_the_committed_recipes(fake_p
     seen = []
     real = pipeline.compose
     monkeypatch.setattr(pipeline, "compose", lambda overrides, conf: seen.append(real(overrides, conf)) or seen[-1])
-    summary = pipeline.cross_validate(folds=2, overrides=["recipe=seed", "train.epochs=3"], deployment=None)
+    summary = pipeline.cross_validate(overrides=["recipe=seed", "train.epochs=3"], folds=[0, 3], deployment=None)
     runs = [c[1] for c in fake_pipeline if c[0] == "dvc exp run"]
-    assert runs == [["recipe=seed", "train.epochs=3", "split.folds=2", f"split.fold={i}"] for i in range(2)]
+    assert runs == [["recipe=seed", "train.epochs=3", f"split.fold={i}"] for i in (0, 3)]
     assert summary["folds"] == 2
     assert all(p.recipe == "seed" and p.train.lr == 0.0001 and p.train.epochs == 3 for _, p in seen)

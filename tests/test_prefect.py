@@ -121,8 +121,9 @@ def test_deployments_run_on_the_pools_workers(new_project, prefect_env, tmp_path
             assert f1[gated[0].run_id] == max(f1.values())
             assert client.get_registered_model("covseg-unet").aliases["challenger"] == gated[0].version
 
-            _watch(["cross_validate/control", {"folds": 2, "overrides": ["train.epochs=1"]}], project, env)
-            folds = [r for r in client.search_runs([runs[0].info.experiment_id]) if r.data.params["split.folds"] == "2"]
+            before = {r.info.run_id for r in client.search_runs([runs[0].info.experiment_id])}
+            _watch(["cross_validate/control", {"folds": [0, 1], "overrides": ["train.epochs=1"]}], project, env)
+            folds = [r for r in client.search_runs([runs[0].info.experiment_id]) if r.info.run_id not in before]
             assert sorted(r.data.params["split.fold"] for r in folds) == ["0", "1"]
             assert len(client.search_model_versions("name='covseg-unet'")) == 5
 
@@ -160,11 +161,12 @@ def test_cross_validate_runs_locally_without_a_server(new_project, tmp_path):
     project = new_project({"train.epochs": 1})
     env = {k: None for k in os.environ if k.startswith(("PREFECT_API", ENV_DEPLOYMENT, ENV_REPO))}  # removed
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"))
-    proc = shell.run([sys.executable, "-m", "flows.pipeline", "cross_validate", "2"], project, env, check=False,
-                     timeout=900)
+    proc = shell.run([sys.executable, "-m", "flows.pipeline", "cross_validate", "[]", "[0, 1]"], project, env,
+                     check=False, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{\n"):])
-    assert summary["folds"] == 2 and sorted(r["params"]["split.fold"] for r in summary["runs"]) == [0, 1]
+    assert summary["folds"] == 2 and sorted(r["params"][-1] for r in summary["runs"]) == ["split.fold=0",
+                                                                                        "split.fold=1"]
     assert summary["kaggle_f1_mean"] == pytest.approx(sum(r["kaggle_f1"] for r in summary["runs"]) / 2)
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     assert len(client.search_model_versions("name='covseg-unet'")) == 2
