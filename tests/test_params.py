@@ -1,6 +1,7 @@
 """params.yaml is composed from the recipes in conf/ (as DVC does), loaded once and checked: a bad key or value
 is one error naming it, before any work; a `-S` override is data, never an interpolation or another file."""
 import shutil
+import subprocess
 
 import pytest
 import yaml
@@ -85,7 +86,10 @@ def test_missing_params_file_is_named(tmp_path):
 def test_committed_params_yaml_is_the_composed_default():
     """`dvc repro` runs params.yaml as it is, `dvc exp run` composes it from conf/: the two must agree."""
     tree, params = compose([], ROOT / PATHS.conf)
-    assert tree == read_tree(ROOT / PATHS.params), "params.yaml is stale: run `dvc exp run` (or compose conf/)"
+    # HEAD's params.yaml: a `dvc exp run` leaves its experiment's params.yaml in the workspace
+    committed = subprocess.run(["git", "show", f"HEAD:{PATHS.params}"], cwd=ROOT, capture_output=True, text=True)
+    head = yaml.safe_load(committed.stdout) if committed.returncode == 0 else read_tree(ROOT / PATHS.params)
+    assert tree == head, "the committed params.yaml is not the composed default: compose conf/ and commit it"
     assert params.recipe == "default"
 
 
@@ -116,11 +120,20 @@ def test_overrides_compose_on_top_of_a_recipe_with_yaml_values():
     ("+train.extra=1", "no \\+, ~ or FILE: prefixes"),
     ("~train.lr", "no \\+, ~ or FILE: prefixes"),
     ("dvc.yaml:stages.train.cmd=touch /tmp/pwned", "no \\+, ~ or FILE: prefixes"),
-    ("train.init=${oc.env:AWS_SECRET_ACCESS_KEY}", "may not hold an interpolation"),
-    ("tracking.experiment=x${oc.env:HOME}", "may not hold an interpolation"),
+    ("train.init=${oc.env:AWS_SECRET_ACCESS_KEY}", "may not hold"),
+    ("tracking.experiment=x${oc.env:HOME}", "may not hold"),
+    (r"tracking.experiment=$\{oc.env:AWS_SECRET_ACCESS_KEY\}", "may not hold"),  # Hydra unescapes \{ to {
+    (r"train.init=$\{oc.env:AWS_SECRET_ACCESS_KEY\}.pt", "may not hold"),
+    (r"train.epochs=$\{oc.env:AWS_SECRET_ACCESS_KEY\}", "may not hold"),
+    (r"train.class_weights=[$\{oc.env:AWS_SECRET_ACCESS_KEY\},1,1,1]", "may not hold"),
+    (r"tracking.experiment=a$\{now:%Y\}", "may not hold"),
+    ("train.class_weights=shuffle([4,3,2,1])", "may not hold"),  # checked on one draw, DVC would make another
+    ("predict.severity_thresholds=sort([75,50,25,5])", "may not hold"),
+    ("recipe=gpu recipe=seed", "no such recipe"),
     ("train.epochs", "expected KEY=VALUE"),
     ("train.epochs=0", r"train\.epochs = 0 is not allowed"),
-    ("train.init='$(touch /tmp/pwned).pt'", r"train\.init = .* is not allowed: must be empty, a registry model"),
+    ("train.init='$(touch /tmp/pwned).pt'", "may not hold"),
+    ("train.init='~/.aws/credentials.pt'", r"train\.init = .* is not allowed: must be empty, a registry model"),
     ("train.init=\"models:/x' or '1\"", r"train\.init = .* is not allowed"),
     ("train.lr=1,2", "Ambiguous value"),
     ("train={epochs: 3}", "unknown key 'train'"),  # a nested override: a section is not a key
@@ -138,6 +151,11 @@ def test_a_bad_override_is_one_error_before_anything_is_composed(item, message, 
                                   "/abs/path/to/init.pt"])
 def test_a_warm_start_names_a_registry_model_or_a_checkpoint(init):
     assert compose([f"train.init={init}"], ROOT / PATHS.conf)[1].train.init == init
+
+
+def test_a_key_given_twice_is_refused():
+    with pytest.raises(ParamsError, match="given twice"):
+        compose(["recipe=gpu", "train.epochs=3", "recipe=seed"], ROOT / PATHS.conf)
 
 
 def test_cv_composes_its_recipe_like_dvc_exp_run(tmp_path, monkeypatch):

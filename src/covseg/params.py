@@ -299,8 +299,9 @@ def check_override_syntax(item: str, known: set[str]) -> None:
     """One `-S` override as data: `KEY=VALUE` of a key params.yaml has (or `recipe=NAME`), nothing more.
 
     Refused: Hydra's `+key` / `~key` / `++key` (new or deleted keys), `FILE:key` (DVC would edit that file,
-    dvc.yaml's commands included), and `${...}` in a value (an interpolation, `${oc.env:SECRET}` say, that
-    composition would resolve into params.yaml)."""
+    dvc.yaml's commands included), and in a value `$` or `\\` (an interpolation, `${oc.env:SECRET}` say, or
+    Hydra's escaped `$\\{...\\}`, that composition would resolve into params.yaml) and `(` (Hydra's functions:
+    `shuffle(...)` draws again when DVC composes)."""
     match = OVERRIDE.fullmatch(item) if isinstance(item, str) else None
     if match is None:
         raise ParamsError(f"-S {item!r}: expected KEY=VALUE with KEY a key of {PATHS.params} (for example "
@@ -309,8 +310,9 @@ def check_override_syntax(item: str, known: set[str]) -> None:
     if key != "recipe" and key not in known:
         raise ParamsError(f"-S {item!r}: unknown key {key!r}: overrides may set only keys of {PATHS.params} "
                           f"(for example train.epochs)")
-    if "${" in value or "\n" in value:
-        raise ParamsError(f"-S {item!r}: a value may not hold an interpolation ('${{') or a line break")
+    if bad := sorted(set(value) & set("$\\()\n")):
+        raise ParamsError(f"-S {key}=...: a value may not hold {' '.join(map(repr, bad))} (no interpolation, "
+                          f"escape or function: an override is plain data)")
 
 
 def recipes(conf: str | Path = PATHS.conf) -> list[str]:
@@ -335,6 +337,9 @@ def compose(overrides: list[str] | None = None, conf: str | Path = PATHS.conf) -
     known = set(flatten(read_tree(conf / "config.yaml"))) - {"defaults"}
     for item in overrides:
         check_override_syntax(item, known)
+    keys = [item.split("=", 1)[0] for item in overrides]
+    if twice := sorted({k for k in keys if keys.count(k) > 1}):
+        raise ParamsError(f"-S: {', '.join(twice)} given twice (one value each)")
     choice = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("recipe=")), "default")
     if choice not in recipes(conf):
         raise ParamsError(f"-S recipe={choice}: no such recipe in {conf / 'recipe'} (there are: "
@@ -342,7 +347,10 @@ def compose(overrides: list[str] | None = None, conf: str | Path = PATHS.conf) -
     try:
         with initialize_config_dir(str(conf), version_base=None):
             cfg = hydra_compose("config", overrides=overrides)
-        tree = OmegaConf.to_container(cfg, resolve=True)
+        if interpolated := [k for k, v in flatten(OmegaConf.to_container(cfg, resolve=False)).items()
+                            if "${" in str(v)]:
+            raise ParamsError(f"-S: {', '.join(interpolated)} would be an interpolation: params are plain data")
+        tree = OmegaConf.to_container(cfg, resolve=False)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise ParamsError(f"-S {' '.join(overrides)}: {str(exc).splitlines()[0]}") from None
     return tree, check(tree, f"{conf.name}/ with -S {' '.join(overrides)}" if overrides else f"{conf.name}/")
