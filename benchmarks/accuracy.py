@@ -175,6 +175,12 @@ def load_nested(path: Path, runs: dict[str, dict]) -> dict:
     return nested
 
 
+def model_and_train_keys(params_file: Path) -> set[str]:
+    """The model and train keys params.yaml has today."""
+    tree = yaml.safe_load(params_file.read_text())
+    return {f"{section}.{k}" for section in ("model", "train") for k in tree[section]}
+
+
 def check_default(run: dict, nested: dict, params_file: Path) -> list[str]:
     """The default run must be params.yaml's model and train values (but for the offset, which the nested
     result chooses and params.yaml must hold); returns params.yaml's keys the run does not record."""
@@ -254,7 +260,7 @@ def render(results: Path, params_file: Path, source: str) -> str:
            "`machine` field, else the `machine.txt` beside its `cv/` folder (one line for the whole folder, "
            "written by the last run that added folds to it: the CPU model of each run is not recorded).\n"]
     out += default_section(default, offset, unrecorded)
-    out += runs_section([runs[n] for n in order], default["params"], label)
+    out += runs_section([runs[n] for n in order], default["params"], label, model_and_train_keys(params_file))
     out += levers_section([runs[n] for n in order], label)
     out += pairs_section(pairs_of(results, runs, nested), runs, nested, label)
     out += nested_section(sorted(nested.values(), key=lambda n: (order.index(n["run"]), n["classes"])), label)
@@ -292,7 +298,7 @@ def default_section(default: dict, offset: dict, unrecorded: list[str]) -> list[
             f"at most {rescored:.5f}.\n"]
 
 
-def runs_section(runs: list[dict], base: dict, label) -> list[str]:
+def runs_section(runs: list[dict], base: dict, label, current: set[str]) -> list[str]:
     return ["## Every cross-validated run\n",
             "Each summary under `cv/` folders, as `covseg cv` scored it (no nested offset; a run whose params hold "
             "an offset is scored with it). Names: the file's path without `cv/`. Training seconds per fold are wall "
@@ -302,9 +308,10 @@ def runs_section(runs: list[dict], base: dict, label) -> list[str]:
                     "bfloat16": r["bf16"], "training s / fold": r["seconds"], "machine": r["machine"]}
                    for r in runs]),
             "Their recipes: the model and train values in which each run's params differ from the default run's "
-            f"(`{DEFAULT_RUN}`); keys not in a run's params did not exist when it ran.\n",
+            f"(`{DEFAULT_RUN}`); keys not in a run's params did not exist when it ran; a key marked (removed) "
+            "left the code with its lever (the code is at git tag `research-levers-2026-12`).\n",
             table([{"run": label(r["name"]), "file": f"`{r['path']}`",
-                    "differs from the default run in": recipe_diff(r["params"], base)} for r in runs])]
+                    "differs from the default run in": recipe_diff(r["params"], base, current)} for r in runs])]
 
 
 def levers_section(runs: list[dict], label) -> list[str]:
@@ -373,12 +380,15 @@ def nested_section(nested: list[dict], label) -> list[str]:
                     **{MEASURES[m]: mean_std([f[m] for f in n["with"].values()]) for m in NESTED}} for n in nested])]
 
 
-def recipe_diff(params: dict, base: dict) -> str:
+def recipe_diff(params: dict, base: dict, current: set[str]) -> str:
+    """The model and train values of `params` that differ from `base`'s; a key params.yaml no longer has is
+    marked (removed), and keys params.yaml has that the run did not record are listed."""
     if not params:
         return "not recorded"
     keys = sorted(k for k in set(params) | set(base) if k.split(".")[0] in ("model", "train"))
-    changed = [f"`{k}={show(params[k])}`" for k in keys if k in params and norm(params[k]) != norm(base.get(k))]
-    missing = [k for k in keys if k not in params]
+    changed = [f"`{k}={show(params[k])}`" + ("" if k in current else " (removed)")
+               for k in keys if k in params and norm(params[k]) != norm(base.get(k))]
+    missing = [k for k in keys if k not in params and k in current]
     return (", ".join(changed) or "nothing") + (f" (not in its params: {', '.join(missing)})" if missing else "")
 
 

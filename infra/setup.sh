@@ -41,7 +41,7 @@ else
     pip install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
         --extra-index-url https://pypi.org/simple   # CPU machine: the CPU build
 fi
-# everything else at the exact versions tested (requirements.lock; README "Dependencies" says how to refresh)
+# everything else at the exact versions tested (requirements.lock; docs/operations.md "Dependencies" says how to refresh)
 pip install -q -c requirements.lock -e ".[test]"
 
 # Data: data/raw as data.dvc records it.

@@ -62,3 +62,15 @@ def test_training_takes_a_size_the_network_does_not_divide(params, tmp_path):
     p = params.override({"train.epochs": 1, "train.members": 1, "model.base_channels": 2, "model.depth": 4})
     history = train(p.train, p.model, p.seed, x[:4], y[:4], x[4:], y[4:], tmp_path / "m.pt")
     assert len(history) == 1 and (tmp_path / "m.pt").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a CUDA GPU")
+def test_a_gpu_device_on_a_machine_without_one_is_one_error():
+    """recipe gpu (train.device cuda) on a CPU machine: one line, not torch's AssertionError mid-stage."""
+    from covseg.model import pick_device
+
+    with pytest.raises(CovsegError, match="device 'cuda': this machine has no CUDA GPU"):
+        pick_device("cuda")
+    with pytest.raises(CovsegError, match="device 'cuda:1'"):
+        pick_device("cuda:1")
+    assert pick_device("cpu").type == "cpu"

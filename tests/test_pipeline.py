@@ -83,7 +83,9 @@ def test_queued_experiments_run_in_parallel_and_carry_their_metrics(project, sh)
     sh("git add -A && git commit -qm baseline", project)
     for lr, recipe in (("0.002", " -S recipe=fast"), ("0.003", "")):
         sh(f"dvc exp run --queue{recipe} -S train.lr={lr} -S train.epochs=1 -n lr-{lr.replace('.', '')}", project)
-    sh("dvc queue start -j 2 && sleep 2 && dvc queue status && dvc exp show --no-pager > /dev/null", project)
+    # the queue's daemon and workers outlive `dvc queue start`: they must not hold this command's output open
+    sh("dvc queue start -j 2 > /dev/null 2>&1 && sleep 2 && dvc queue status && dvc exp show --no-pager > /dev/null",
+       project)
     sh("timeout 600 bash -c 'while dvc queue status | grep -qE \"Queued|Running\"; do sleep 3; done'", project)
     status = sh("dvc queue status", project).stdout
     assert status.count("Success") == 2, status

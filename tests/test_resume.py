@@ -1,5 +1,5 @@
 """End to end: what a failed or killed `dvc repro` leaves, how training resumes and how the last good outputs
-come back (README, "When a run fails or is killed")."""
+come back (docs/operations.md, "When a run fails or is killed")."""
 import hashlib
 import os
 import signal

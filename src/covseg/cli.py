@@ -115,7 +115,8 @@ def cmd_promote(args, params: Params) -> None:
                              args.version, args.force, args.allow_data_change)
     scored = (f"; scored on {len(decision['eval_slice_ids'])} unseen validation slices"
               if "eval_slice_ids" in decision else "")
-    print(f"{params.registry.model_name}: {decision['reason']} (champion: v{decision['champion_after']}){scored}")
+    champion = "none" if decision["champion_after"] is None else f"v{decision['champion_after']}"
+    print(f"{params.registry.model_name}: {decision['reason']} (champion: {champion}){scored}")
     if args.output:
         write_json(decision, args.output)
 

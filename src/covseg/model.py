@@ -97,6 +97,11 @@ def bf16_autocast(device: torch.device) -> bool:
 
 def pick_device(name: str = "auto") -> torch.device:
     """auto: CUDA, then Apple MPS, then CPU."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CovsegError(f"device {name!r}: this machine has no CUDA GPU that torch {torch.__version__} can use "
+                          f"(a CPU machine: device auto or cpu, e.g. -S train.device=auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise CovsegError("device 'mps': Apple's GPU is not available here (device auto or cpu)")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
