@@ -50,13 +50,18 @@ class ResultsError(Exception):
     """A result file is missing or not what it should be; the message names it."""
 
 
-def read_json(path: Path) -> dict:
+def read(path: Path, parse, what: str):
+    """`parse` of the file's text; one ResultsError naming the file when it is missing or not `what`."""
     try:
-        data = json.loads(path.read_text())
+        return parse(path.read_text())
     except FileNotFoundError:
         raise ResultsError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ResultsError(f"{path}: not readable JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:  # JSONDecodeError is a ValueError
+        raise ResultsError(f"{path}: not readable {what} ({exc})") from None
+
+
+def read_json(path: Path) -> dict:
+    data = read(path, json.loads, "JSON")
     if not isinstance(data, dict):
         raise ResultsError(f"{path}: not a JSON object")
     return data
@@ -177,19 +182,15 @@ def load_nested(path: Path, runs: dict[str, dict]) -> dict:
 
 def model_and_train_keys(params_file: Path) -> set[str]:
     """The model and train keys params.yaml has today."""
-    tree = yaml.safe_load(params_file.read_text())
-    return {f"{section}.{k}" for section in ("model", "train") for k in tree[section]}
+    tree = read(params_file, yaml.safe_load, "YAML")
+    with reading(params_file):
+        return {f"{section}.{k}" for section in ("model", "train") for k in tree[section]}
 
 
 def check_default(run: dict, nested: dict, params_file: Path) -> list[str]:
     """The default run must be params.yaml's model and train values (but for the offset, which the nested
     result chooses and params.yaml must hold); returns params.yaml's keys the run does not record."""
-    try:
-        tree = yaml.safe_load(params_file.read_text())
-    except FileNotFoundError:
-        raise ResultsError(f"{params_file}: missing") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ResultsError(f"{params_file}: not readable YAML ({exc})") from None
+    tree = read(params_file, yaml.safe_load, "YAML")
     with reading(params_file):
         flat = {f"{section}.{k}": v for section in ("model", "train") for k, v in tree[section].items()}
     differ = [f"{k} (run {show(run['params'][k])}, params.yaml {show(v)})" for k, v in flat.items()

@@ -45,6 +45,17 @@ def tiny_raw(tmp_path, tiny_arrays) -> Path:
 
 
 @pytest.fixture
+def pp(params):
+    """The predict params (`covseg predict`)."""
+    return params.predict
+
+
+@pytest.fixture
+def win(params):
+    return params.window
+
+
+@pytest.fixture
 def tiny_folds(tmp_path, tiny_raw, params):
     """tiny_folds(k): the folds file of tiny_raw dealt into k folds, as `covseg folds` writes it."""
     from covseg.preprocessing import write_folds

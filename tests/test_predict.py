@@ -113,16 +113,6 @@ def write_grey_png(path, grey: np.ndarray) -> Path:
     return Path(path)
 
 
-@pytest.fixture
-def pp(params):
-    return params.predict
-
-
-@pytest.fixture
-def win(params):
-    return params.window
-
-
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)

@@ -20,16 +20,6 @@ from covseg.predict import predict_scans
 from covseg.scans import Source, find_sources, read_scan
 
 
-@pytest.fixture
-def pp(params):
-    return params.predict
-
-
-@pytest.fixture
-def win(params):
-    return params.window
-
-
 def refused(path: Path, pp, kind: str, *messages: str) -> str:
     """read_scan refuses `path` with one DataError line naming it and saying each of `messages`."""
     with pytest.raises(DataError) as exc:
