@@ -56,15 +56,10 @@ PRETRAIN = {"train.epochs": 40, "train.lr": 0.02, "train.val_every": 40}
 VAL_METRICS = ("val_loss", "val_f1_ggo", "val_f1_consolidation", f"val_{KAGGLE_F1}")
 
 
-def run_lr(i: int) -> float:
-    """Run i's own learning rate: 0.0005 * 2**i."""
-    return round(0.0005 * 2 ** i, 6)
-
-
 def run_overrides(i: int, init: Path) -> list[str]:
     """Run i's `-S` overrides: its own learning rate, the shared warm start. Not its own `seed`: that would
     deal other slices into the validation fold (the gate then refuses: too few unseen slices)."""
-    return [f"train.lr={run_lr(i)}", f"train.init={init}"]
+    return [f"train.lr={round(0.0005 * 2 ** i, 6)}", f"train.init={init}"]
 
 
 def val_epochs(epochs: int, every: int) -> list[int]:
