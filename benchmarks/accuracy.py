@@ -1,20 +1,28 @@
 """Writes docs/accuracy.md from the committed cross-validation results: nothing is trained or run here.
 
-    python benchmarks/accuracy.py [--results benchmarks/results] [--out docs/accuracy.md] [--params params.yaml]
+    python benchmarks/accuracy.py [--results benchmarks/results] [--calibration calibration.json]
+                                  [--out docs/accuracy.md] [--params params.yaml]
 
-Reads, under the results folder:
+First the shipped recipes, from the calibration file (calibration.json at the repo root, `covseg calibrate`):
+each entry whose `cv.folder` (relative to the calibration file's folder, as `covseg calibrate --cv` was
+given it) is a folder under the results folder in the layout of `covseg cv --out DIR`:
+  **/cv/NAME/summary.json  the summary (params, per_fold, machine); each fold<k>.json beside it must hold the
+                           same scores as its fold in per_fold, and its recipe_key must be the entry's key
+The entry gives the nested cross-validation of the inference choices (neutral, offsets only, calibrated) and
+the choices made on all folds. Then the history, from the files of the old runner:
   **/cv/NAME.json          summaries of `covseg cv --out .../cv/NAME.json` (params, per_fold); each
                            NAME.fold<k>.json beside one must hold the same scores as its fold in per_fold
   machine.txt              the machine the folds in the cv/ folder beside it ran on (a `machine` field in a
                            summary or its folds wins; neither: "not recorded")
-  class_bias.*.json        benchmarks/class_bias.py's nested class offsets (and the `Against` line of the .md
-                           beside each: the run it was compared with)
+  class_bias.*.json        nested class offsets of the retired benchmarks/class_bias.py (and the `Against` line
+                           of the .md beside each: the run it was compared with)
   **/accuracy.json         its "pairs" ("A:B"): which runs were compared fold by fold (numbers recomputed here)
-  first_network/*.json     one network of a recipe per fold, compared with the default's first network
+  first_network/*.json     one network of a recipe per fold, compared with the old default's first network
   pipeline*.json           benchmarks/pipeline.py: stage timings and the validation fold's scores
-and params.yaml, only to check that the run shown as the default is params.yaml's model and train values.
-Same files in, same page out. To add a result: `covseg cv -S KEY=VALUE --out benchmarks/results/cv/NAME.json`
-(then `python benchmarks/class_bias.py --cv benchmarks/results/cv/NAME.json --classes ggo`), then this script.
+and params.yaml, to say whether a run's model and train values are today's. Same files in, same page out.
+To add a result: `covseg cv --out benchmarks/results/cv/NAME`, then `covseg calibrate --cv
+benchmarks/results/cv/NAME`, commit its summary.json, fold<k>.json and per_slice.csv (not fold<k>.npz) and
+calibration.json, then run this script.
 """
 from __future__ import annotations
 
@@ -30,18 +38,26 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from covseg.names import PATHS
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RUN = "cv/combo2.json"  # the shipped default's cross-validation (trained and scored without the offset) ...
-DEFAULT_OFFSET = "class_bias.combo2.ggo.json"  # ... and its nested ground-glass offset
+SUMMARY = "summary.json"  # `covseg cv --out DIR`: DIR/summary.json beside DIR/fold<k>.json
+OLD_DEFAULT_RUN = "cv/combo2.json"  # the default by the old runner (trained and scored without the offset) ...
+OLD_DEFAULT_OFFSET = "class_bias.combo2.ggo.json"  # ... and its nested ground-glass offset
 FIRST_NETWORK = "first_network"  # one network per fold, paired with the default's first network
 MEASURES = {"dice_ggo": "Dice ground glass", "dice_consolidation": "Dice consolidation",
             "f1_ggo": "F1 ground glass", "f1_consolidation": "F1 consolidation",
             "kaggle_f1": "kaggle_f1", "pooled_f1": "pooled_f1"}
-NESTED = ("dice_ggo", "dice_consolidation", "f1_ggo", "f1_consolidation", "kaggle_f1")  # class_bias.py scores these
+NESTED = ("dice_ggo", "dice_consolidation", "f1_ggo", "f1_consolidation", "kaggle_f1")  # the nested tables' measures
+PARTS = {"neutral": "neutral (no offset, no flip, no island removal)",
+         "offsets_only": "offsets only, chosen on the other folds",
+         "calibrated": "**calibrated**: all the choices, chosen on the other folds"}  # calibration.json's nested
 LEVERS = {"members": "the ensemble, against its first network alone",
           "last_member": "its last network, against the others without it",
           "tta": "flip TTA", "min_island": "island removal", "tta_and_min_island": "flip TTA and island removal",
           "class_bias": "the class offset of its params"}
+CALIBRATED = ("model.class_bias", "model.tta", "model.min_island")  # params once, calibration.json's choices now
+MACHINE_KEYS = ("train.device", "train.amp")  # not the recipe (covseg.params.recipe_key leaves them out)
 RECIPE_KEYS = ("model.base_channels", "model.depth", "model.norm", "train.members", "train.epochs",
                "train.optimizer", "train.lr", "train.loss", "train.class_weights", "train.scale", "train.amp")
 
@@ -117,8 +133,11 @@ def table(rows: list[dict]) -> str:
 
 
 def load_run(path: Path, results: Path) -> dict:
-    """One `covseg cv` summary: its per-fold scores (checked against its fold files), params and machine."""
+    """One `covseg cv` summary, of either layout (cv/NAME.json beside NAME.fold<k>.json, or
+    cv/NAME/summary.json beside fold<k>.json): its per-fold scores (checked against its fold files), params
+    and machine."""
     summary = read_json(path)
+    folder = path.name == SUMMARY  # the layout of one CV path
     with reading(path):
         per_fold = {int(f["fold"]): {m: float(v) for m, v in f.items()
                                      if m in MEASURES or m.startswith("without_")} for f in summary["per_fold"]}
@@ -134,7 +153,7 @@ def load_run(path: Path, results: Path) -> dict:
         machines = sorted({str(f["machine"]) for f in summary["per_fold"] if f.get("machine")})
         seconds = [float(f["seconds"]) for f in summary["per_fold"] if f.get("seconds") is not None]
     for k, scores in per_fold.items():
-        fold_file = path.with_name(f"{path.stem}.fold{k}.json")
+        fold_file = path.with_name(f"fold{k}.json" if folder else f"{path.stem}.fold{k}.json")
         if fold_file.is_file():
             data = read_json(fold_file)
             with reading(fold_file):
@@ -142,25 +161,29 @@ def load_run(path: Path, results: Path) -> dict:
             if stale:
                 raise ResultsError(f"{fold_file}: {', '.join(stale)} differ from fold {k} of {path.name} "
                                    "(summarise its folds again with covseg cv)")
-    machine_txt = path.parent.parent / "machine.txt"
+    cv_dir = path.parent.parent if folder else path.parent
+    machine_txt = cv_dir.parent / "machine.txt"
     if summary.get("machine"):
         machine = str(summary["machine"])
     elif machines:
         machine = "; ".join(machines)
-    elif path.parent.name == "cv" and machine_txt.is_file() and machine_txt.read_text().strip():
+    elif cv_dir.name == "cv" and machine_txt.is_file() and machine_txt.read_text().strip():
         machine = machine_txt.read_text().strip().splitlines()[0]
     else:
         machine = "not recorded"
-    rel = path.relative_to(results)
-    return {"name": "/".join(p for p in rel.with_suffix("").parts if p != "cv"), "path": rel.as_posix(),
+    rel = (path.parent if folder else path).relative_to(results)
+    return {"name": "/".join(p for p in (rel if folder else rel.with_suffix("")).parts if p != "cv"),
+            "path": rel.as_posix(),
             "file": path, "per_fold": per_fold, "total": summary.get("folds"), "params": summary.get("params") or {},
+            "recipe_key": summary.get("recipe_key"),
             "seconds": f"{np.mean(seconds):.0f}" if len(seconds) == len(per_fold) else "not recorded",
             "machine": machine, "bf16": next(iter(bf16)) if len(bf16) == 1 else "; ".join(
                 f"{v} (folds {', '.join(map(str, sorted(ks)))})" for v, ks in sorted(bf16.items()))}
 
 
 def load_nested(path: Path, runs: dict[str, dict]) -> dict:
-    """One class_bias.py result, tied to the run whose logits it used (its `cv` path, longest match)."""
+    """One result of the retired benchmarks/class_bias.py, tied to the run whose logits it used (its `cv` path,
+    longest match)."""
     result = read_json(path)
     with reading(path):
         cv = Path(result["cv"]).parts
@@ -180,29 +203,27 @@ def load_nested(path: Path, runs: dict[str, dict]) -> dict:
     return nested
 
 
-def model_and_train_keys(params_file: Path) -> set[str]:
-    """The model and train keys params.yaml has today."""
+def params_values(params_file: Path) -> dict:
+    """params.yaml's model and train values today, by flat key ("train.epochs")."""
     tree = read(params_file, yaml.safe_load, "YAML")
     with reading(params_file):
-        return {f"{section}.{k}" for section in ("model", "train") for k in tree[section]}
+        return {f"{section}.{k}": v for section in ("model", "train") for k, v in tree[section].items()}
 
 
-def check_default(run: dict, nested: dict, params_file: Path) -> list[str]:
-    """The default run must be params.yaml's model and train values (but for the offset, which the nested
-    result chooses and params.yaml must hold); returns params.yaml's keys the run does not record."""
-    tree = read(params_file, yaml.safe_load, "YAML")
-    with reading(params_file):
-        flat = {f"{section}.{k}": v for section in ("model", "train") for k, v in tree[section].items()}
-    differ = [f"{k} (run {show(run['params'][k])}, params.yaml {show(v)})" for k, v in flat.items()
-              if k != "model.class_bias" and k in run["params"] and norm(run["params"][k]) != norm(v)]
-    if norm(flat.get("model.class_bias")) != norm(nested["class_bias"]):
-        differ.append(f"model.class_bias (nested choice {nested['class_bias']}, params.yaml "
-                      f"{show(flat.get('model.class_bias'))})")
-    if differ:
-        raise ResultsError(f"{run['file']} is not params.yaml's default: {'; '.join(differ)}. Cross-validate the "
-                           "default (covseg cv --out benchmarks/results/cv/NAME.json, then benchmarks/class_bias.py) "
-                           "and point DEFAULT_RUN and DEFAULT_OFFSET in benchmarks/accuracy.py at it")
-    return [k for k in flat if k not in run["params"]]
+def recipe_text(params: dict) -> str:
+    return ", ".join(f"`{k}={show(params[k])}`" for k in RECIPE_KEYS if k in params) or "params not recorded"
+
+
+def versus_params(params: dict, today: dict) -> str:
+    """Whether a run's model and train values are params.yaml's today (but for the machine's: the machine and
+    bfloat16 are stated on their own): which differ, which it does not record."""
+    if not params:
+        return "not known (the run records no params)"
+    differ = [f"`{k}` (run {show(params[k])}, params.yaml {show(v)})" for k, v in today.items()
+              if k in params and k not in MACHINE_KEYS and norm(params[k]) != norm(v)]
+    missing = [k for k in today if k not in params]
+    return (f"all but {'; '.join(differ)}" if differ else "yes") + (
+        f" (params.yaml keys the run does not record: {', '.join(missing)})" if missing else "")
 
 
 def pairs_of(results: Path, runs: dict[str, dict], nested: dict[Path, dict]) -> list[tuple[str, str]]:
@@ -229,29 +250,33 @@ def pairs_of(results: Path, runs: dict[str, dict], nested: dict[Path, dict]) -> 
     return list(dict.fromkeys(pairs))
 
 
-def render(results: Path, params_file: Path, source: str) -> str:
-    runs = {}
+def render(results: Path, params_file: Path, calibration_file: Path, source: str) -> str:
+    runs, folders = {}, {}
     for path in sorted(results.glob("**/cv/*.json")):
         if not re.search(r"\.fold\d+$", path.stem):
             run = load_run(path, results)
             runs[run["name"]] = run
-    if not (results / DEFAULT_RUN).is_file():
-        raise ResultsError(f"{results / DEFAULT_RUN}: missing (the default's cross-validation)")
-    default = next(r for r in runs.values() if r["path"] == DEFAULT_RUN)
+    for path in sorted(results.glob(f"**/cv/*/{SUMMARY}")):
+        folders[path.parent.resolve()] = load_run(path, results)
+    if not (results / OLD_DEFAULT_RUN).is_file():
+        raise ResultsError(f"{results / OLD_DEFAULT_RUN}: missing (the old default's cross-validation)")
+    default = next(r for r in runs.values() if r["path"] == OLD_DEFAULT_RUN)
     nested = {p: load_nested(p, runs) for p in sorted(results.glob("**/class_bias.*.json"))}
-    if results / DEFAULT_OFFSET not in nested:
-        raise ResultsError(f"{results / DEFAULT_OFFSET}: missing (the default's nested class offset)")
-    offset = nested[results / DEFAULT_OFFSET]
+    if results / OLD_DEFAULT_OFFSET not in nested:
+        raise ResultsError(f"{results / OLD_DEFAULT_OFFSET}: missing (the old default's nested class offset)")
+    offset = nested[results / OLD_DEFAULT_OFFSET]
     if offset["run"] != default["name"]:
-        raise ResultsError(f"{results / DEFAULT_OFFSET}: of {offset['run']}, not of the default's run {DEFAULT_RUN}")
-    unrecorded = check_default(default, offset, params_file)
+        raise ResultsError(f"{results / OLD_DEFAULT_OFFSET}: of {offset['run']}, not of the old default's run "
+                           f"{OLD_DEFAULT_RUN}")
+    today = params_values(params_file)
     order = [default["name"], *(n for n in runs if n != default["name"])]
 
     def label(name: str) -> str:
         return f"**default** ({name})" if name == default["name"] else name
 
-    out = [f"# Cross-validated accuracy\n\n_Generated by `benchmarks/accuracy.py` from `{source}` — do not edit; "
-           "run `python benchmarks/accuracy.py` again after adding results._\n",
+    out = [f"# Cross-validated accuracy\n\n_Generated by `benchmarks/accuracy.py` from `{source}` and "
+           f"`{calibration_file.name}` — do not edit; run `python benchmarks/accuracy.py` again after adding "
+           "results._\n",
            "Every figure is k-fold cross-validation on the labelled slices (the same burden-stratified folds as "
            "`split`), never the test slices: mean ± standard deviation over the folds (sample standard deviation). "
            "The withheld test slices are scored outside the project. Dice is per-slice Dice averaged over the "
@@ -259,9 +284,15 @@ def render(results: Path, params_file: Path, source: str) -> str:
            "is the mean of the two classes' F1 (the competition's score, covseg's promotion metric); pooled_f1 "
            "is one F1 over both classes' pixels together. A machine is what the result files record: a summary's "
            "`machine` field, else the `machine.txt` beside its `cv/` folder (one line for the whole folder, "
-           "written by the last run that added folds to it: the CPU model of each run is not recorded).\n"]
-    out += default_section(default, offset, unrecorded)
-    out += runs_section([runs[n] for n in order], default["params"], label, model_and_train_keys(params_file))
+           "written by the last run that added folds to it: the CPU model of each run is not recorded).\n",
+           "The shipped recipes come first: `covseg cv` then `covseg calibrate`, one cross-validation path for "
+           "training and for the inference choices. The sections after them are the history: the runs of the "
+           "old runner (`cv/NAME.json` summaries, the class offsets of the retired `benchmarks/class_bias.py`), "
+           "the record of the decisions in [decisions.md](decisions.md); **default** there is the old "
+           f"runner's default, `{OLD_DEFAULT_RUN}`.\n"]
+    out += shipped_section(calibration_file, folders, today, default, offset)
+    out += default_section(default, offset, today)
+    out += runs_section([runs[n] for n in order], default["params"], label, set(today))
     out += levers_section([runs[n] for n in order], label)
     out += pairs_section(pairs_of(results, runs, nested), runs, nested, label)
     out += nested_section(sorted(nested.values(), key=lambda n: (order.index(n["run"]), n["classes"])), label)
@@ -270,17 +301,123 @@ def render(results: Path, params_file: Path, source: str) -> str:
     return "\n".join(out)
 
 
-def default_section(default: dict, offset: dict, unrecorded: list[str]) -> list[str]:
+def shipped_section(calibration_file: Path, folders: dict[Path, dict], today: dict, old: dict,
+                    old_offset: dict) -> list[str]:
+    """One table per calibration.json entry whose `covseg cv` folder is among `folders` (the results'
+    cv/NAME/ folders); says what is missing instead when there are none."""
+    head = ["## The shipped recipe\n"]
+    how = ("Make one: `covseg cv --out benchmarks/results/cv/NAME`, then `covseg calibrate --cv "
+           "benchmarks/results/cv/NAME`; commit the folder's summary.json, fold<k>.json and per_slice.csv (not "
+           "fold<k>.npz) and calibration.json, and run `python benchmarks/accuracy.py` again.")
+    entries = read_json(calibration_file) if calibration_file.is_file() else {}
+    shown, elsewhere = [], []
+    with reading(calibration_file):
+        for key, entry in sorted(entries.items()):
+            folder = Path(entry["cv"]["folder"])
+            run = folders.get((folder if folder.is_absolute() else calibration_file.parent / folder).resolve())
+            if run is None:
+                elsewhere.append(f"`{key}` ({entry['recipe'] or 'no recipe name'}, `{entry['cv']['folder']}`)")
+            elif run["recipe_key"] != key:
+                raise ResultsError(f"{calibration_file}: entry {key} is not of the folds in {run['file'].parent} "
+                                   f"(recipe key {run['recipe_key']}): run `covseg calibrate --cv "
+                                   f"{entry['cv']['folder']}` again")
+            else:
+                shown.append((key, entry, run))
+    calibrated = {run["file"] for _, _, run in shown}
+    notes = ([f"Entries of `{calibration_file.name}` whose cross-validation is not a folder of the results here "
+              f"(not shown): {'; '.join(elsewhere)}.\n"] if elsewhere else [])
+    notes += [f"`covseg cv` folders here without an entry in `{calibration_file.name}` (not shown): "
+              + ", ".join(f"`{r['path']}/`" for r in folders.values() if r["file"] not in calibrated)
+              + ".\n"] if len(calibrated) < len(folders) else []
+    if not shown:
+        why = (f"no entry of `{calibration_file.name}` has its `covseg cv` folder under the results (a cv/NAME/ "
+               f"folder with {SUMMARY})" if calibration_file.is_file() else f"there is no `{calibration_file.name}`")
+        return head + [f"Not measured yet: {why}. {how}\n", *notes]
+    intro = (f"Each entry of `{calibration_file.name}` (`covseg calibrate`) whose `covseg cv` folder is committed "
+             "here. The folds were trained and scored without inference choices (neutral); the choices (class "
+             "offsets, flip TTA, island removal) are measured by nested cross-validation: each fold is scored with "
+             "the choices made on the other folds only. Offsets are for (ground glass, consolidation, lungs "
+             "other, background).\n")
+    out = head + [intro]
+    with reading(calibration_file):
+        for key, entry, run in shown:
+            out += shipped_entry(key, entry, run, today, old, old_offset)
+    return out + notes
+
+
+def choices_text(choices: dict) -> str:
+    island = f"{choices['min_island']} px" if choices["min_island"] else "none"
+    return f"offsets {choices['class_bias']}, flip TTA {show(choices['tta'])}, island removal {island}"
+
+
+def shipped_entry(key: str, entry: dict, run: dict, today: dict, old: dict, old_offset: dict) -> list[str]:
+    """The table of one calibration.json entry, its choices, and its reproduction of the old runner's default."""
+    n, oof = entry["nested"], entry["oof"]
+    per_fold = {int(f["fold"]): f for f in n["per_fold"]}
+    parts = {part: {k: f[part] for k, f in per_fold.items()} for part in PARTS}
+    rows = [{"": text, "folds": len(per_fold),
+             **{MEASURES[m]: f"{n[part][m + '_mean']:.3f} ± {n[part][m + '_std']:.3f}" for m in NESTED}}
+            for part, text in PARTS.items()]
+    rows.append({"": "what the choices add, fold by fold (folds where they score higher)", "folds": len(per_fold),
+                 **{MEASURES[m]: delta(parts["calibrated"], parts["neutral"], m) for m in NESTED}})
+    folds = [{"fold": k, "held-out slices": f["slices"], "choices made on the other folds": choices_text(f["choices"])}
+             for k, f in sorted(per_fold.items())]
+    searched = entry.get("searched") or {}
+    common = parts["neutral"].keys() & run["per_fold"].keys()
+    rescored = max((abs(parts["neutral"][k][m] - run["per_fold"][k][m]) for k in common for m in NESTED),
+                   default=None)
+    text = [f"### {entry['recipe'] or 'recipe'} (`{run['path']}/`)\n",
+            f"Recipe key `{key}`, made {entry.get('made', 'on a date not recorded')} by "
+            f"{entry.get('by', 'not recorded')}: {recipe_text(run['params'])}. params.yaml's model and train "
+            f"values today: {versus_params(run['params'], today)}. Data key `{entry['data']}`. Folds: "
+            f"{folds_text(sorted(run['per_fold']), run['total'])}, {oof['slices']} held-out slices. Machine: "
+            f"{run['machine']}. Trained in bfloat16: {run['bf16']}. Training seconds per fold: {run['seconds']} "
+            "(wall time as run).\n",
+            table(rows),
+            f"Chosen on all folds (what evaluate, submit and predict apply): {choices_text(entry['choices'])}. "
+            + (f"Searched: offsets of {', '.join(searched.get('offsets', []))} on {searched.get('offset_grid')}, "
+               f"flip TTA {json.dumps(searched.get('tta'))}, island removal {searched.get('min_island')} px. "
+               if searched else "")
+            + f"A constant prediction scores kaggle_f1 {oof['trivial_kaggle_f1']:.3f} on these "
+            "slices." + (f" The neutral rescoring of the saved held-out logits differs from `covseg cv`'s fold "
+                         f"scores by at most {rescored:.5f}." if rescored is not None else "") + "\n",
+            "The choices made on the other folds, fold by fold:\n", table(folds)]
+    return text + reproduction(run, n, old, old_offset)
+
+
+def reproduction(run: dict, n: dict, old: dict, old_offset: dict) -> list[str]:
+    """A line comparing an entry with the old runner's default, when both trained the same model and train
+    values (the keys both record): its offsets-only nested Dice less the old nested Dice (both searched
+    offsets only; the old runner the ground-glass offset alone)."""
+    shared = [k for k in run["params"].keys() & old["params"].keys()
+              if k.split(".")[0] in ("model", "train") and k not in MACHINE_KEYS]
+    if not shared or any(norm(run["params"][k]) != norm(old["params"][k]) for k in shared):
+        return []
+    dice = [m for m in NESTED if m.startswith("dice_")]
+    was = {m: [f[m] for f in old_offset["with"].values()] for m in dice}
+
+    def new(part: str) -> str:
+        return " / ".join(f"{n[part][m + '_mean']:.3f} ± {n[part][m + '_std']:.3f}" for m in dice)
+
+    return [f"Reproduction: old runner vs one CV path ({' / '.join(MEASURES[m] for m in dice)}). The same model "
+            f"and train values as `{OLD_DEFAULT_RUN}`, whose nested ground-glass offset (`{OLD_DEFAULT_OFFSET}`, "
+            "the old runner: it searched the ground-glass offset only) gave "
+            + " / ".join(mean_std(was[m]) for m in dice) + f"; offsets only here: {new('offsets_only')}, "
+            "difference of means (offsets only less the old runner) "
+            + " / ".join(f"{n['offsets_only'][m + '_mean'] - np.mean(was[m]):+.3f}" for m in dice)
+            + f"; with all the choices (calibrated): {new('calibrated')}.\n"]
+
+
+def default_section(default: dict, offset: dict, today: dict) -> list[str]:
     p = default["params"]
-    recipe = ", ".join(f"`{k}={show(p[k])}`" for k in RECIPE_KEYS if k in p)
     common = offset["without"].keys() & default["per_fold"].keys()
     rescored = max(abs(offset["without"][k][m] - default["per_fold"][k][m]) for k in common for m in NESTED)
-    return ["## The default recipe\n",
-            f"`{DEFAULT_RUN}`: params.yaml's model and train values (checked when this page was generated"
-            + (f"; params.yaml keys the run does not record: {', '.join(unrecorded)}" if unrecorded else "")
-            + f"): {recipe}. Its folds were trained and scored without a class offset; `{DEFAULT_OFFSET}` adds the "
-            "ground-glass offset by nested cross-validation: each fold is scored with the offset chosen on the other "
-            f"folds only. Folds: {folds_text(sorted(default['per_fold']), default['total'])}. Machine: "
+    return ["## The default recipe of the old runner\n",
+            f"`{OLD_DEFAULT_RUN}`: {recipe_text(p)}. params.yaml's model and train values today: "
+            f"{versus_params(p, today)}. Its folds were trained and scored without a class offset; "
+            f"`{OLD_DEFAULT_OFFSET}` adds the ground-glass offset by nested cross-validation: each fold is scored "
+            "with the offset chosen on the other folds only. Folds: "
+            f"{folds_text(sorted(default['per_fold']), default['total'])}. Machine: "
             f"{default['machine']}. Trained in bfloat16: {default['bf16']}.\n",
             table([{"": "**default**, with the nested ground-glass offset", "folds": len(offset["with"]),
                     **{MEASURES[m]: mean_std([f[m] for f in offset["with"].values()]) for m in NESTED},
@@ -294,9 +431,9 @@ def default_section(default: dict, offset: dict, unrecorded: list[str]) -> list[
                     MEASURES["pooled_f1"]: "not scored"}]),
             "Offsets (ground glass, consolidation, lungs other, background) chosen on the other folds: "
             + "; ".join(f"fold {k} {v}" for k, v in sorted(offset["offsets"].items()))
-            + f". Chosen on all folds: {offset['class_bias']}, params.yaml's `model.class_bias` (checked). The nested "
-            "result rescores the saved held-out logits; its scores without the offset differ from `covseg cv`'s by "
-            f"at most {rescored:.5f}.\n"]
+            + f". Chosen on all folds: {offset['class_bias']} (then params.yaml's `model.class_bias`, since replaced "
+            "by calibration.json's choices). The nested result rescores the saved held-out logits; its scores "
+            f"without the offset differ from `covseg cv`'s by at most {rescored:.5f}.\n"]
 
 
 def runs_section(runs: list[dict], base: dict, label, current: set[str]) -> list[str]:
@@ -309,8 +446,9 @@ def runs_section(runs: list[dict], base: dict, label, current: set[str]) -> list
                     "bfloat16": r["bf16"], "training s / fold": r["seconds"], "machine": r["machine"]}
                    for r in runs]),
             "Their recipes: the model and train values in which each run's params differ from the default run's "
-            f"(`{DEFAULT_RUN}`); keys not in a run's params did not exist when it ran; a key marked (removed) "
-            "left the code with its lever (the code is at git tag `research-levers-2026-12`).\n",
+            f"(`{OLD_DEFAULT_RUN}`); keys not in a run's params did not exist when it ran; a key marked (removed) "
+            "left the code with its lever (the code is at git tag `research-levers-2026-12`); one marked "
+            "(calibrated) is now an inference choice of `covseg calibrate` (calibration.json), no longer a param.\n",
             table([{"run": label(r["name"]), "file": f"`{r['path']}`",
                     "differs from the default run in": recipe_diff(r["params"], base, current)} for r in runs])]
 
@@ -355,9 +493,9 @@ def pairs_section(pairs: list[tuple[str, str]], runs: dict[str, dict], nested: d
         return []
     return ["## Paired comparisons\n",
             "Run A's score less run B's on the same held-out slices, fold by fold: mean ± std of the difference "
-            "(folds where A is higher). The pairs are those of `accuracy.json` (\"pairs\") and those "
-            "`benchmarks/class_bias.py --against` compared (the `Against` line of `class_bias.*.md`); the numbers "
-            "are computed here from the folds. A pair run on two machines also differs by the machine.\n",
+            "(folds where A is higher). The pairs are those of `accuracy.json` (\"pairs\") and those the "
+            "retired `benchmarks/class_bias.py --against` compared (the `Against` line of `class_bias.*.md`); the "
+            "numbers are computed here from the folds. A pair run on two machines also differs by the machine.\n",
             table(rows)]
 
 
@@ -368,10 +506,10 @@ def nested_section(nested: list[dict], label) -> list[str]:
                 f"{np.mean([f[m] for f in n['with'].values()]):.3f} ({higher}")
 
     return ["## Nested class offsets\n",
-            "`benchmarks/class_bias.py` on each run's saved held-out logits: each fold scored with the offsets "
-            "chosen on the other folds only (without → with, means over folds, and on how many folds the offset "
-            "scores higher). Offsets are for (ground glass, consolidation, lungs other, background). The runs' "
-            "folds and machines are those of the table above.\n",
+            "The retired `benchmarks/class_bias.py` (now `covseg calibrate`) on each run's saved held-out logits: "
+            "each fold scored with the offsets chosen on the other folds only (without → with, means over folds, "
+            "and on how many folds the offset scores higher). Offsets are for (ground glass, consolidation, lungs "
+            "other, background). The runs' folds and machines are those of the table above.\n",
             table([{"run": label(n["run"]), "classes": n["classes"], "file": f"`{n['file'].name}`",
                     "offset chosen on all folds": str(n["class_bias"]),
                     "chosen on the other folds": ", ".join(sorted({str(b) for b in n["offsets"].values()})),
@@ -383,12 +521,17 @@ def nested_section(nested: list[dict], label) -> list[str]:
 
 def recipe_diff(params: dict, base: dict, current: set[str]) -> str:
     """The model and train values of `params` that differ from `base`'s; a key params.yaml no longer has is
-    marked (removed), and keys params.yaml has that the run did not record are listed."""
+    marked (removed), or (calibrated) when it became a calibration choice; keys params.yaml has that the run
+    did not record are listed."""
     if not params:
         return "not recorded"
     keys = sorted(k for k in set(params) | set(base) if k.split(".")[0] in ("model", "train"))
-    changed = [f"`{k}={show(params[k])}`" + ("" if k in current else " (removed)")
-               for k in keys if k in params and norm(params[k]) != norm(base.get(k))]
+
+    def mark(k: str) -> str:
+        return "" if k in current else " (calibrated)" if k in CALIBRATED else " (removed)"
+
+    changed = [f"`{k}={show(params[k])}`{mark(k)}" for k in keys
+               if k in params and norm(params[k]) != norm(base.get(k))]
     missing = [k for k in keys if k not in params and k in current]
     return (", ".join(changed) or "nothing") + (f" (not in its params: {', '.join(missing)})" if missing else "")
 
@@ -450,13 +593,15 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results",
                         help="the committed result files (default: benchmarks/results)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "accuracy.md", help="default: docs/accuracy.md")
-    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml",
-                        help="the params the default run is checked against (default: params.yaml)")
+    parser.add_argument("--calibration", type=Path, default=ROOT / PATHS.calibration,
+                        help="covseg calibrate's choices and nested scores (default: calibration.json)")
+    parser.add_argument("--params", type=Path, default=ROOT / PATHS.params,
+                        help="the params the runs are compared with (default: params.yaml)")
     args = parser.parse_args()
     results = args.results.resolve()
     source = results.relative_to(ROOT).as_posix() if results.is_relative_to(ROOT) else str(args.results)
     try:
-        text = render(results, args.params, source)
+        text = render(results, args.params, args.calibration, source)
     except ResultsError as exc:
         raise SystemExit(f"error: {exc}") from None
     args.out.parent.mkdir(parents=True, exist_ok=True)

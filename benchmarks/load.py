@@ -1,16 +1,18 @@
 """Load test: N trainings at once against one MLflow server and the Prefect `gpu` pool, tiny params.
 
-    python benchmarks/load.py [--runs 8] [--epochs 3] [--val-every 2]
+    python benchmarks/load.py [--runs 8] [--epochs 3]
 
 Starts an MLflow server and a Prefect server on 127.0.0.1 (tests/servers.py), makes a fresh tiny
 project (tests/projects.py), deploys infra/prefect.yaml, starts N process workers on the pool `gpu`
-(one flow run each, OMP_NUM_THREADS=1) and creates N `train/gpu` flow runs at once, promote=True, each
-with its own `train.lr`. So that a few epochs give scores that differ and can pass the gate,
-every run warm-starts (`train.init`) from one checkpoint trained first, outside the servers, and
-validate / preprocess have run once in the project (the working copies restore them from the shared
-DVC run cache, as a team's cache would). Then checks: N completed flow runs; N MLflow runs, each with
-every epoch's train_loss and the validation metrics of the epochs train.val_every names; N registered
-versions, each with its recorded gate decision; and a consistent champion (see `champion_problems`).
+(one flow run each, OMP_NUM_THREADS=1) and creates N `train/gpu` flow runs at once, promote=True, all of
+one recipe. The gate compares a version's out-of-fold scores, so the recipe is calibrated first (`covseg
+cv`, `covseg calibrate`, calibration.json committed in the project) and every run warm-starts
+(`train.init`) from one checkpoint trained first, outside the servers, so that a few epochs pass the
+gate's floor; validate / preprocess have run once in the project (the working copies restore them from
+the shared DVC run cache, as a team's cache would). N versions of one recipe carry the same scores: the
+first decided becomes champion and the others do not beat it. Then checks: N completed flow runs; N
+MLflow runs, each with every epoch's train_loss; N registered versions, each with its recorded gate
+decision; and a consistent champion (see `champion_problems`).
 Meanwhile it samples memory and times the registry round trip the promotion lock relies on (read, then
 write a tag; `registry.lock_settle_s / 2` is its limit). Writes benchmarks/results/load.json (counts, wall
 times, per-run times and gate decisions, peak memory, registry latency, the problems found).
@@ -40,7 +42,6 @@ from covseg.names import (  # noqa: E402
     CHAMPION,
     ENV_REPO,
     ENV_TRACKING_URI,
-    KAGGLE_F1,
     PATHS,
     TAG_FLOW_RUN,
     TAG_PROMOTION,
@@ -53,18 +54,11 @@ DEPLOYMENT, POOL = "train/gpu", "gpu"
 # a U-Net a little wider than TINY's, so that the warm start's checkpoint scores above registry.min_score
 MODEL = {"model.base_channels": 8, "model.depth": 3}
 PRETRAIN = {"train.epochs": 40, "train.lr": 0.02, "train.val_every": 40}
-VAL_METRICS = ("val_loss", "val_f1_ggo", "val_f1_consolidation", f"val_{KAGGLE_F1}")
 
 
-def run_overrides(i: int, init: Path) -> list[str]:
-    """Run i's `-S` overrides: its own learning rate, the shared warm start. Not its own `seed`: that would
-    deal other slices into the validation fold (the gate then refuses: too few unseen slices)."""
-    return [f"train.lr={round(0.0005 * 2 ** i, 6)}", f"train.init={init}"]
-
-
-def val_epochs(epochs: int, every: int) -> list[int]:
-    """The epochs whose validation metrics training logs: every `every`-th and the last."""
-    return [e for e in range(1, epochs + 1) if e % every == 0 or e == epochs]
+def run_overrides(init: Path) -> list[str]:
+    """Every run's `-S` overrides: the shared warm start (one recipe, so one calibration serves them all)."""
+    return [f"train.init={init}"]
 
 
 @contextmanager
@@ -141,10 +135,11 @@ def latency_summary(samples: list[float], limit: float) -> dict:
             f"over_{limit}s": sum(x > limit for x in ordered)}
 
 
-def prepare(root: Path, epochs: int, val_every: int) -> tuple[Path, Path]:
-    """The project (TINY params, MODEL, `epochs`, `val_every`) after `dvc repro preprocess`, and the
-    warm-start checkpoint trained on it with PRETRAIN (its MLflow run in a store of its own)."""
-    project = make_project(root / "project", {**TINY, **MODEL, "train.epochs": epochs, "train.val_every": val_every})
+def prepare(root: Path, epochs: int) -> tuple[Path, Path]:
+    """The project (TINY params, MODEL, `epochs`) after `dvc repro preprocess`, the warm-start checkpoint
+    trained on it with PRETRAIN and the runs' recipe calibrated, committed (MLflow runs in a store of
+    their own)."""
+    project = make_project(root / "project", {**TINY, **MODEL, "train.epochs": epochs})
     shell.run(["dvc", "repro", "preprocess"], project)
     tree, _ = apply_overrides(read_tree(project / PATHS.params), PRETRAIN, "PRETRAIN")
     (root / "pretrain.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
@@ -153,6 +148,11 @@ def prepare(root: Path, epochs: int, val_every: int) -> tuple[Path, Path]:
     shell.run(["covseg", "--params", root / "pretrain.yaml", "train", "--data", PATHS.processed, "--model", init,
                "--history", root / "init_history.csv", "--state", root / "init_state.pt"],
               project, {ENV_TRACKING_URI: f"sqlite:///{root / 'pretrain.db'}"})
+    recipe = [arg for item in run_overrides(init) for arg in ("-S", item)]
+    for command in (["covseg", "cv", *recipe], ["covseg", "calibrate", "--cv", f"{PATHS.cv}/default", *recipe]):
+        shell.run(command, project, {ENV_TRACKING_URI: f"sqlite:///{root / 'pretrain.db'}"})
+    shell.run(["git", "add", PATHS.calibration], project)
+    shell.run(["git", "commit", "-qm", "calibration of the load test's recipe"], project)
     return project, init
 
 
@@ -180,14 +180,14 @@ def trigger_and_wait(client, param_sets: list[dict], timeout: float) -> list:
 
 def champion_problems(decisions: dict[int, dict], champion: int | None, min_score: float) -> list[str]:
     """What is inconsistent in the gate decisions recorded on the versions (version -> decision) and the
-    final champion. All versions were scored on the same validation slices, so a version's score is its
+    final champion. All versions carry out-of-fold scores of the same slices, so a version's score is its
     `challenger_score` wherever it appears. Consistent: promotions form one chain, each beating the
     champion it replaced by the margin; no version that was not promoted beat the champion it was
     compared with; the champion is the chain's end and scores within the margin of the best version."""
     problems = []
     score = {v: d["challenger_score"] for v, d in decisions.items()}
-    if len({tuple(d["eval_slice_ids"]) for d in decisions.values()}) > 1:
-        problems.append("the versions were scored on different validation slices")
+    if len({d["challenger_oof_slices"] for d in decisions.values()}) > 1:
+        problems.append("the versions' out-of-fold scores come from different slices")
     for v, d in decisions.items():
         before, margin = d["champion_before"], d["margin"]
         if before is not None and abs(d["champion_score"] - score.get(before, d["champion_score"])) > 1e-9:
@@ -218,7 +218,7 @@ def champion_problems(decisions: dict[int, dict], champion: int | None, min_scor
     return problems
 
 
-def check(uri: str, flow_runs: list, params, epochs: int, val_every: int) -> dict:
+def check(uri: str, flow_runs: list, params, epochs: int) -> dict:
     """Counts and problems: the flow runs, the MLflow runs and their histories, the versions, the champion."""
     from mlflow import MlflowClient
 
@@ -234,14 +234,10 @@ def check(uri: str, flow_runs: list, params, epochs: int, val_every: int) -> dic
         problems.append(f"{len(runs)} MLflow runs for {len(flow_runs)} flow runs, or not one each")
     full_history = 0
     for run in runs:
-        steps = {key: [m.step for m in client.get_metric_history(run.info.run_id, key)]
-                 for key in ("train_loss", *VAL_METRICS)}
-        expected = {"train_loss": list(range(1, epochs + 1)),
-                    **dict.fromkeys(VAL_METRICS, val_epochs(epochs, val_every))}
-        wrong = {k: v for k, v in steps.items() if sorted(v) != expected[k]}
-        if wrong or run.info.status != "FINISHED":
-            problems.append(f"MLflow run {run.info.run_id} ({run.info.status}): epochs logged {wrong}, expected "
-                            f"{expected['train_loss']} / {expected['val_loss']}")
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+        if steps != list(range(1, epochs + 1)) or run.info.status != "FINISHED":
+            problems.append(f"MLflow run {run.info.run_id} ({run.info.status}): epochs logged {steps}, expected "
+                            f"1..{epochs}")
         else:
             full_history += 1
     versions = client.search_model_versions(f"name='{name}'")
@@ -267,12 +263,12 @@ def check(uri: str, flow_runs: list, params, epochs: int, val_every: int) -> dic
             "version_of_flow_run": {f: version_of_run.get(r.info.run_id) for f, r in by_flow.items()}}
 
 
-def load_test(root: Path, n: int = 8, epochs: int = 3, val_every: int = 2, timeout: float = 1200) -> dict:
+def load_test(root: Path, n: int = 8, epochs: int = 3, timeout: float = 1200) -> dict:
     """The whole load test in `root` (a fresh folder); returns the result (result["problems"] empty if it passed)."""
     from prefect.client.orchestration import SyncPrefectClient
 
     t0 = time.time()
-    project, init = prepare(root, epochs, val_every)
+    project, init = prepare(root, epochs)
     params = load_params(project / PATHS.params)
     prepared = time.time()
     with peak_memory() as peak, mlflow_server(root) as uri, registry_probe(uri) as latencies:
@@ -285,17 +281,17 @@ def load_test(root: Path, n: int = 8, epochs: int = 3, val_every: int = 2, timeo
             with prefect_workers(root, env, POOL, n), SyncPrefectClient(api) as client:
                 wait_for_workers(client, n)
                 ready = time.time()
-                param_sets = [{"overrides": run_overrides(i, init), "promote": True} for i in range(n)]
+                param_sets = [{"overrides": run_overrides(init), "promote": True} for _ in range(n)]
                 flow_runs = trigger_and_wait(client, param_sets, timeout)
                 done = time.time()
-                result = check(uri, flow_runs, params, epochs, val_every)
+                result = check(uri, flow_runs, params, epochs)
     gate, version_of = result.pop("decisions"), result.pop("version_of_flow_run")
     rows = []
     for fr in flow_runs:
         version = version_of.get(str(fr.id))
         decision = gate.get(version, {})
         rows.append({"flow_run": fr.name, "state": fr.state.name if fr.state else None,
-                     "lr": float(fr.parameters["overrides"][0].split("=", 1)[1]), "version": version,
+                     "version": version,
                      "score": decision.get("challenger_score"), "promoted": decision.get("promoted"),
                      "champion_before": decision.get("champion_before"), "gate_rounds": decision.get("rounds"),
                      "run_s": round(fr.total_run_time.total_seconds(), 1),
@@ -305,8 +301,8 @@ def load_test(root: Path, n: int = 8, epochs: int = 3, val_every: int = 2, timeo
     from machine import machine  # benchmarks/machine.py
 
     return {"machine": f"{machine()}, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-            "date": time.strftime("%Y-%m-%d"), "runs": n, "epochs": epochs, "val_every": val_every,
-            "overrides": "run i: train.lr = 0.0005 * 2**i, train.init = the one warm start",
+            "date": time.strftime("%Y-%m-%d"), "runs": n, "epochs": epochs,
+            "overrides": "every run: train.init = the one warm start (one calibrated recipe)",
             "prepare_s": round(prepared - t0, 1), "servers_deploy_workers_s": round(ready - prepared, 1),
             "load_wall_s": round(done - ready, 1), "total_s": round(time.time() - t0, 1),
             "peak_memory_mb": {k: round(v) for k, v in peak.items()},
@@ -318,12 +314,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--val-every", type=int, default=2)
     args = parser.parse_args()
     from covseg.atomic import write_json
 
     with tempfile.TemporaryDirectory(prefix="covseg-load-") as tmp:
-        result = load_test(Path(tmp), args.runs, args.epochs, args.val_every)
+        result = load_test(Path(tmp), args.runs, args.epochs)
     write_json(result, RESULT)
     print(json.dumps(result, indent=1))
     if result["problems"]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start the worker of the work pool `control` on this machine (infra/start-servers.sh runs it): it runs
-# the fan-out flows (sweep/control, cross_validate/control, predict/control), which only launch runs on
-# the `gpu` pool and wait for them, so it needs no GPU. Needs PREFECT_API_URL and MLFLOW_TRACKING_URI and,
+# the fan-out flows (sweep/control, cross_validate/control, predict/control), which launch runs on the
+# `gpu` pool, wait for them and then, for cross-validation, download the folds' logits and run
+# `covseg calibrate` on the CPU (seconds), so it needs no GPU. Needs PREFECT_API_URL and MLFLOW_TRACKING_URI and,
 # when the servers ask for them, the credentials (from the environment or infra/.env, as start-gpu-worker.sh).
 #   CONTROL_RUNS   how many fan-out flow runs at once (default 4)
 set -euo pipefail

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Params of a fast CPU run on 64x64 slices, as overrides of params.yaml (one network: ensembles are tested apart).
 TINY = {"synth.n_labelled": 10, "synth.n_test": 2, "synth.size": 64, "model.base_channels": 4, "model.depth": 2,
         "train.epochs": 2, "train.scale": 1.0, "train.members": 1, "evaluate.overlays": 2,
-        "registry.min_eval_slices": 2}  # 10 slices in 5 folds: 2 validation slices
+        "registry.min_eval_slices": 2}  # 10 slices in 5 folds of 2 (held out by `covseg cv` or split.fold)
 
 
 def run(cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -28,8 +28,9 @@ def run(cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
 
 def make_project(root: Path, overrides: dict) -> Path:
     """A fresh git + DVC repository with the project's pipeline files, its recipes (conf/) with `overrides`
-    applied to conf/config.yaml, params.yaml composed from them, and the synthetic data they describe
-    recorded in data.dvc."""
+    applied to conf/config.yaml, params.yaml composed from them, the synthetic data they describe
+    recorded in data.dvc, and a calibration file with no entry yet (evaluate and submit read it: `dvc repro`
+    runs uncalibrated until `covseg cv` and `covseg calibrate` make the recipe's entry)."""
     from covseg.params import apply_overrides, compose, read_tree
 
     root.mkdir(parents=True, exist_ok=True)
@@ -47,6 +48,7 @@ def make_project(root: Path, overrides: dict) -> Path:
     tree, _ = apply_overrides(config, overrides)
     (root / PATHS.conf / "config.yaml").write_text(yaml.safe_dump({"defaults": defaults, **tree}, sort_keys=False))
     (root / PATHS.params).write_text(yaml.safe_dump(compose([], root / PATHS.conf)[0], sort_keys=False))
+    (root / PATHS.calibration).write_text("{}\n")
     run("git init -q && git config user.email t@t && git config user.name t", root)
     run("covseg data synth", root)
     run("git add -A && git commit -qm init", root)

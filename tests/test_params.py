@@ -20,10 +20,12 @@ def test_project_params_are_valid(params):
 
 @pytest.mark.parametrize("key,value,message", [
     ("train.loss", "foo", r"train\.loss = 'foo' is not allowed: Input should be 'ce' or 'dice_ce'"),
-    ("split.fold", 7, r"split\.fold = 7 is not allowed: must be in 0\.\.4 \(split\.folds is 5\)"),
+    ("split.fold", 7, r"split\.fold = 7 is not allowed: must be all or in 0\.\.4 \(split\.folds is 5\)"),
+    ("split.fold", "some", r"split\.fold = 'some' is not allowed: must be all or in 0\.\.4"),
     ("train.class_weights", [1, 2], r"train\.class_weights = \[1, 2\] is not allowed"),
-    ("model.class_bias", [0, 0, 0], r"model\.class_bias = \[0, 0, 0\] is not allowed"),
-    ("model.class_bias", [0, 99, 0, 0], r"model\.class_bias\.1 = 99 is not allowed: .*less than or equal to 10"),
+    ("calibrate.offset_grid", [0, 99], r"calibrate\.offset_grid\.1 = 99 is not allowed: .*less than or equal to 10"),
+    ("calibrate.offsets", ["lungs_other"], r"calibrate\.offsets\.0 = 'lungs_other' is not allowed"),
+    ("calibrate.tta", [], r"calibrate\.tta = \[\] is not allowed"),
     ("train.epochs", "3", r"train\.epochs = '3' is not allowed: Input should be a valid integer"),
     ("train.epochs", 0, r"train\.epochs = 0 is not allowed: Input should be greater than or equal to 1"),
     ("train.scale", 1.5, r"train\.scale = 1\.5 is not allowed"),
@@ -107,10 +109,10 @@ def test_every_recipe_composes_to_valid_params_that_differ_from_the_default():
 
 
 def test_overrides_compose_on_top_of_a_recipe_with_yaml_values():
-    _, p = compose(["recipe=gpu", "train.epochs=3", "model.class_bias=[0, 1.5, 0, 0]", "train.init="],
-                   ROOT / PATHS.conf)
-    assert (p.recipe, p.model.depth, p.train.epochs, p.model.class_bias, p.train.init) == (
-        "gpu", 5, 3, [0.0, 1.5, 0.0, 0.0], "")
+    _, p = compose(["recipe=gpu", "train.epochs=3", "calibrate.offset_grid=[0, 1.5]", "train.init=",
+                    "split.fold=2"], ROOT / PATHS.conf)
+    assert (p.recipe, p.model.depth, p.train.epochs, p.calibrate.offset_grid, p.train.init, p.split.fold) == (
+        "gpu", 5, 3, [0.0, 1.5], "", 2)
 
 
 @pytest.mark.parametrize("item,message", [
@@ -138,7 +140,7 @@ def test_overrides_compose_on_top_of_a_recipe_with_yaml_values():
     ("train.lr=1,2", "Ambiguous value"),
     ("train={epochs: 3}", "unknown key 'train'"),  # a nested override: a section is not a key
     ("train.class_weights=[1, 2, 3, {lrr: 1}]", r"train\.class_weights\.3 = \{'lrr': 1\} is not allowed"),
-    ("model.class_bias={a: 1}", "Error merging override model.class_bias"),
+    ("calibrate.offset_grid={a: 1}", "Error merging override calibrate.offset_grid"),
 ])
 def test_a_bad_override_is_one_error_before_anything_is_composed(item, message, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
@@ -164,12 +166,11 @@ def test_cv_composes_its_recipe_like_dvc_exp_run(tmp_path, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(crossval, "cross_validate",
-                        lambda raw, params, out, folds, name, folds_file: seen.update(params=params, out=out,
-                                                                                       name=name) or {})
+                        lambda raw, params, out, folds, folds_file: seen.update(params=params, out=out) or {})
     monkeypatch.setattr(crossval, "describe", lambda summary: "")
     conf = tmp_path / "conf"
     shutil.copytree(ROOT / PATHS.conf, conf)
     assert main(["cv", "--conf", str(conf), "-S", "recipe=seed", "-S", "train.epochs=2", "--folds", "0"]) == 0
-    assert (seen["params"].recipe, seen["params"].train.epochs, seen["name"]) == ("seed", 2, "seed")
-    assert seen["out"] == f"{PATHS.cv}/seed.json"
+    assert (seen["params"].recipe, seen["params"].train.epochs) == ("seed", 2)
+    assert seen["out"] == f"{PATHS.cv}/seed"
     assert main(["cv", "--conf", str(conf), "-S", "train.init=${oc.env:HOME}"]) == 1

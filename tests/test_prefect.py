@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from covseg import shell
-from covseg.names import ENV_DEPLOYMENT, ENV_REPO, PREDICT_REPORT_JSON
+from covseg.names import ENV_DEPLOYMENT, ENV_REPO, ENV_TRACKING_URI, PATHS, PREDICT_REPORT_JSON
 
 pytestmark = pytest.mark.slow
 
@@ -60,15 +60,15 @@ def _gone(pid, timeout=15):
 
 
 def test_deployments_run_on_the_pools_workers(new_project, prefect_env, tmp_path):
-    project = new_project({"train.epochs": 1})
+    project = new_project({"train.epochs": 1, "split.folds": 2})  # 2 folds of 5 slices: a cross-validation is 2 runs
     server_env, workers = prefect_env
     env = {**server_env, ENV_REPO: str(project)}
     for pool in ("gpu", "control"):
         _prefect(["work-pool", "create", pool, "--type", "process"], project, env)
     _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"], project, env)
     shown = _prefect(["deployment", "ls"], project, env).stdout
-    for deployment in ("train/gpu", "train/nightly", "sweep/control", "cross_validate/control", "predict/control",
-                       "predict-chunk/gpu"):
+    for deployment in ("train/gpu", "train/nightly", "cv_fold/gpu", "sweep/control", "cross_validate/control",
+                       "predict/control", "predict-chunk/gpu"):
         assert deployment in shown, shown
 
     pins = ["", "1"]  # a CPU-only worker and a worker pinned to GPU 1 (no GPU here: both run on the CPU)
@@ -77,19 +77,47 @@ def test_deployments_run_on_the_pools_workers(new_project, prefect_env, tmp_path
     control_pid = int((project / ".servers" / "worker-control.pid").read_text())
     try:
         with workers(env, "gpu", 2, pins):
-            # one run, triggered as a user would
-            start = time.time()
-            done = _prefect(["deployment", "run", "train/gpu", "--params",
-                             json.dumps({"overrides": ["train.epochs=2"]}), "--watch"], project, env)
-            one_run = time.time() - start
-            assert "Completed" in done.stdout, done.stdout
             uri = env["MLFLOW_TRACKING_URI"]
             mlflow.set_tracking_uri(uri)
             client = MlflowClient(uri)
+
+            # cross-validation as a user triggers it: the folds as cv_fold/gpu runs on the two gpu workers, their
+            # logits and records collected into reports/cv/<recipe>/ of the checkout, then covseg calibrate there
+            start = time.time()
+            _watch(["cross_validate/control", {"overrides": []}], project, env)
+            cv_time = time.time() - start
+            cv_experiment = client.get_experiment_by_name("covseg-cv").experiment_id
+            folds = client.search_runs([cv_experiment])
+            assert sorted(r.data.tags["cv_fold"] for r in folds) == ["0", "1"]
+            assert all(r.data.tags["prefect_flow_run_id"] for r in folds)
+            for r in folds:
+                k = r.data.tags["cv_fold"]
+                listed = sorted(a.path for a in client.list_artifacts(r.info.run_id, "cv"))
+                assert listed == [f"cv/fold{k}.json", f"cv/fold{k}.npz"], listed
+            cv = project / PATHS.cv / "default"
+            assert {"fold0.json", "fold0.npz", "fold1.json", "fold1.npz"} <= {p.name for p in cv.iterdir()}
+            key = json.loads((cv / "fold0.json").read_text())["recipe"]
+            entries = json.loads((project / PATHS.calibration).read_text())
+            assert list(entries) == [key] and entries[key]["oof"]["folds"] == 2 and entries[key]["oof"]["slices"] == 10
+            assert client.search_model_versions("name='covseg-unet'") == [], "a fold is a measurement, not a model"
+
+            # the user commits the calibration; a training of the same recipe on every slice, triggered as a user
+            # would, is registered with those out-of-fold scores and judged by the gate
+            shell.run(["git", "add", PATHS.calibration], project)
+            shell.run(["git", "commit", "-qm", "calibration"], project)
+            start = time.time()
+            done = _prefect(["deployment", "run", "train/gpu", "--params", json.dumps({"overrides": []}), "--watch"],
+                            project, env)
+            one_run = time.time() - start
+            assert "Completed" in done.stdout, done.stdout
             runs = client.search_runs([client.get_experiment_by_name("covseg").experiment_id])
             assert len(runs) == 1 and runs[0].data.tags["prefect_flow_run_id"]
-            assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 2
-            decision = json.loads(client.get_model_version("covseg-unet", "1").tags["promotion"])
+            assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 1
+            version = client.get_model_version("covseg-unet", "1")
+            assert version.tags["calibrated"] == "true" and version.tags["recipe_key"] == key
+            oof = entries[key]["oof"]
+            assert float(version.tags["oof_kaggle_f1"]) == pytest.approx(oof["kaggle_f1_mean"], abs=1e-5)
+            decision = json.loads(version.tags["promotion"])
             aliases = client.get_registered_model("covseg-unet").aliases
             assert aliases == ({"challenger": "1", "champion": "1"} if decision["promoted"] else {"challenger": "1"})
             refs = shell.run(["git", "for-each-ref", "refs/exps"], project).stdout
@@ -105,31 +133,30 @@ def test_deployments_run_on_the_pools_workers(new_project, prefect_env, tmp_path
             assert len(client.search_model_versions("name='covseg-unet'")) == 1
             assert client.get_registered_model("covseg-unet").aliases == aliases
 
-            # the README's fan-out deployments, run by the control pool's worker on the gpu pool's two workers
+            # a sweep: both sets' folds at once on the gpu pool, each set calibrated, the best trained on every
+            # slice (train/gpu) with its calibration and judged by the gate
             start = time.time()
-            sets = [["train.epochs=2", f"train.lr={lr}"] for lr in (0.002, 0.004)]
+            sets = [[f"train.lr={lr}"] for lr in (0.002, 0.004)]
             _watch(["sweep/control", {"param_sets": sets}], project, env)
             sweep_time = time.time() - start
-            experiment = runs[0].info.experiment_id
-            swept = [r for r in client.search_runs([experiment]) if r.info.run_id != runs[0].info.run_id]
-            assert sorted(float(r.data.params["train.lr"]) for r in swept) == [0.002, 0.004]
+            before = {f.info.run_id for f in folds}
+            swept = [r for r in client.search_runs([cv_experiment]) if r.info.run_id not in before]
+            assert sorted((r.data.params["train.lr"], r.data.tags["cv_fold"]) for r in swept) == [
+                ("0.002", "0"), ("0.002", "1"), ("0.004", "0"), ("0.004", "1")]
+            entries = json.loads((project / PATHS.calibration).read_text())
+            assert len(entries) == 3, "an entry per recipe key, the committed one kept"
+            best = max({r.data.tags["recipe_key"] for r in swept}, key=lambda k: entries[k]["oof"]["kaggle_f1_mean"])
             versions = client.search_model_versions("name='covseg-unet'")
-            assert len(versions) == 3
-            f1 = {r.info.run_id: r.data.metrics["kaggle_f1"] for r in swept}
-            gated = [v for v in versions if v.run_id in f1 and "promotion" in v.tags]
-            assert len(gated) == 1, "the sweep sends its best version, and only it, to the gate"
-            assert f1[gated[0].run_id] == max(f1.values())
-            assert client.get_registered_model("covseg-unet").aliases["challenger"] == gated[0].version
-
-            before = {r.info.run_id for r in client.search_runs([runs[0].info.experiment_id])}
-            _watch(["cross_validate/control", {"folds": [0, 1], "overrides": ["train.epochs=1"]}], project, env)
-            folds = [r for r in client.search_runs([runs[0].info.experiment_id]) if r.info.run_id not in before]
-            assert sorted(r.data.params["split.fold"] for r in folds) == ["0", "1"]
-            assert len(client.search_model_versions("name='covseg-unet'")) == 5
+            assert len(versions) == 2
+            trained = client.get_model_version("covseg-unet", "2")
+            assert trained.tags["recipe_key"] == best and trained.tags["calibrated"] == "true", "the best, calibrated"
+            assert "promotion" in trained.tags, "judged by the gate"
+            assert client.get_registered_model("covseg-unet").aliases["challenger"] == "2"
 
             # each run used its worker's pinning, never a deployment's
-            seen = [r.data.tags["cuda_visible_devices"] for r in client.search_runs([runs[0].info.experiment_id])]
-            assert len(seen) == 5 and set(seen) <= set(pins), seen
+            seen = [r.data.tags["cuda_visible_devices"]
+                    for r in client.search_runs([runs[0].info.experiment_id, cv_experiment])]
+            assert len(seen) == 8 and set(seen) <= set(pins), seen
 
             # batch prediction: 4 volumes in chunks of 1, each chunk a predict-chunk/gpu run on the gpu pool
             scans = tmp_path / "scans"
@@ -150,7 +177,8 @@ def test_deployments_run_on_the_pools_workers(new_project, prefect_env, tmp_path
             for log in ("worker-0.log", "worker-1.log"):  # the pool's two workers share the batch
                 took = (tmp_path / log).read_text()
                 assert any(f"submitting flow run '{run_id}'" in took for _, run_id in chunk_runs), log
-            print(f"one run {one_run:.0f}s; sweep of 2 over 2 workers {sweep_time:.0f}s; "
+            print(f"cross-validation of 2 folds over 2 workers {cv_time:.0f}s; one run {one_run:.0f}s; sweep of 2 "
+                  f"sets of 2 folds and the best's training over 2 workers {sweep_time:.0f}s; "
                   f"4 volumes predicted in 4 chunks over 2 workers {predict_time:.0f}s")
     finally:
         shell.run(["bash", "infra/stop.sh"], project, env)
@@ -158,15 +186,20 @@ def test_deployments_run_on_the_pools_workers(new_project, prefect_env, tmp_path
 
 
 def test_cross_validate_runs_locally_without_a_server(new_project, tmp_path):
-    project = new_project({"train.epochs": 1})
-    env = {k: None for k in os.environ if k.startswith(("PREFECT_API", ENV_DEPLOYMENT, ENV_REPO))}  # removed
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"))
-    proc = shell.run([sys.executable, "-m", "flows.pipeline", "cross_validate", "[]", "[0, 1]"], project, env,
+    project = new_project({"train.epochs": 1, "split.folds": 2})
+    env = {k: None for k in os.environ if k.startswith(("PREFECT_API", ENV_DEPLOYMENT, ENV_REPO, ENV_TRACKING_URI))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"))  # no server; the project's own MLflow store
+    proc = shell.run([sys.executable, "-m", "flows.pipeline", "cross_validate", "[]"], project, env,
                      check=False, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[proc.stdout.index("{\n"):])
-    assert summary["folds"] == 2 and sorted(r["params"][-1] for r in summary["runs"]) == ["split.fold=0",
-                                                                                        "split.fold=1"]
-    assert summary["kaggle_f1_mean"] == pytest.approx(sum(r["kaggle_f1"] for r in summary["runs"]) / 2)
+    result = json.loads(proc.stdout[proc.stdout.index("{\n"):])
+    assert result["calibrated"] and [r["fold"] for r in result["per_fold"]] == [0, 1]
+    entry = json.loads((project / PATHS.calibration).read_text())[result["recipe_key"]]
+    assert entry["choices"] == result["choices"] and entry["oof"]["folds"] == 2
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    assert len(client.search_model_versions("name='covseg-unet'")) == 2
+    cv_experiment = client.get_experiment_by_name("covseg-cv").experiment_id
+    assert sorted(r.data.tags["cv_fold"] for r in client.search_runs([cv_experiment])) == ["0", "1"]
+    assert client.search_model_versions("name='covseg-unet'") == []
+    # the folds landed where `covseg cv` keeps them: it has none left to train
+    shell.run(["covseg", "cv"], project, env)
+    assert len(client.search_runs([cv_experiment])) == 2

@@ -58,8 +58,21 @@ def test_folds_reject_bad_counts():
         assign_folds(_labels([(1, 0)] * 3), 5, 0)
 
 
+def test_preprocess_holds_out_no_slice_for_the_shipped_model(tmp_path, tiny_raw, params, tiny_folds):
+    raw = load_raw(tiny_raw)
+    assert params.split.fold == "all"
+    summary = preprocess(raw, tmp_path / "processed", params.window, params.split,
+                         read_folds(tiny_folds(params.split.folds), raw), key="k")
+    x_train, y_train = load_processed(tmp_path / "processed", "train")
+    x_val, y_val = load_processed(tmp_path / "processed", "val")
+    assert len(x_train) == 12 and x_val.shape == (0, *x_train.shape[1:]) and len(y_val) == 0
+    assert summary["val_slice_ids"] == [] and summary["data_key"] == "k"
+    assert np.array_equal(y_train, one_hot_to_index(raw.masks))
+
+
 def test_preprocess_writes_split(tmp_path, tiny_raw, params, tiny_folds):
     raw = load_raw(tiny_raw)
+    params = params.override({"split.fold": 0})
     summary = preprocess(raw, tmp_path / "processed", params.window, params.split,
                          read_folds(tiny_folds(params.split.folds), raw))
     x_train, y_train = load_processed(tmp_path / "processed", "train")

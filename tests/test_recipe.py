@@ -1,6 +1,5 @@
 """The training recipe's levers: crops, schedule, checkpoint choice, test-time flips, island removal,
-warm start, the shipped recipes, per-slice Dice, and cross-validation that resumes."""
-import json
+warm start, the shipped recipes, per-slice Dice, training on every slice, and training that resumes."""
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from covseg.model import (
 from covseg.names import PATHS
 from covseg.params import compose, recipes
 from covseg.preprocessing import window
-from covseg.training import augmentation, make_loss, make_optimizer, train, uses_bf16
+from covseg.training import augmentation, make_loss, make_optimizer, train
 
 TINY_TRAIN = {"model.base_channels": 4, "model.depth": 2, "train.epochs": 3, "train.crop": 32,
               "train.val_every": 2, "train.warmup_epochs": 1, "train.members": 1}
@@ -189,59 +188,17 @@ def test_every_shipped_recipe_trains(slices, tmp_path, name):
     assert len(history) == 1 and np.isfinite(history["train_loss"]).all()
 
 
-# ------------------------------------------------------------------------------------------ cross-validation
-
-
-def test_cross_validation_reports_mean_and_spread_and_resumes(params, tiny_raw, tmp_path, monkeypatch, tiny_folds):
-    folds3 = tiny_folds(3)
-    from covseg import crossval
-
-    p = params.override({**TINY_TRAIN, "split.folds": 3, "train.epochs": 1, "model.tta": True,
-                         "model.min_island": 5, "model.class_bias": [0.5, -0.25, 0.0, 0.0]})
-    out = tmp_path / "cv" / "tiny.json"
-    seen, predict_logits = [], crossval.predict_logits
-    monkeypatch.setattr(crossval, "predict_logits", lambda *a: seen.append(predict_logits(*a)) or seen[-1])
-    summary = crossval.cross_validate(tiny_raw, p, out, folds=[0, 2], name="tiny", folds_file=folds3)
-    assert summary["folds"] == 2 and summary["folds_run"] == [0, 2]
-    f1 = [f["kaggle_f1"] for f in summary["per_fold"]]
-    assert summary["kaggle_f1_mean"] == pytest.approx(np.mean(f1))
-    assert summary["kaggle_f1_std"] == pytest.approx(np.std(f1, ddof=1))
-    assert "without_tta.kaggle_f1_mean" in summary and "without_min_island.dice_ggo_mean" in summary
-    assert "without_class_bias.kaggle_f1_mean" in summary
-    saved = np.load(tmp_path / "cv" / "tiny.fold0.logits.npz")  # held-out logits, as trained: no bias
-    assert saved["logits"].shape == (len(saved["ids"]), 4, *saved["labels"].shape[1:])
-    assert str(saved["recipe"]) == summary["recipe"]
-    np.testing.assert_allclose(saved["logits"], seen[0] - np.array([0.5, -0.25, 0, 0])[:, None, None],
-                               atol=0.02)  # the model's logits less its offsets
-    per_slice = json.loads((tmp_path / "cv" / "tiny.fold0.json").read_text())["per_slice"]
-    assert len(per_slice["slice_id"]) == sum(f["val_slices"] for f in summary["per_fold"][:1])
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("a finished fold was trained again")
-
-    monkeypatch.setattr(crossval, "train", no_training)
-    again = crossval.cross_validate(tiny_raw, p, out, folds=[0, 2], name="tiny", folds_file=folds3)
-    assert again["kaggle_f1_mean"] == summary["kaggle_f1_mean"]
-    with pytest.raises(AssertionError, match="trained again"):  # other params: the folds are stale
-        crossval.cross_validate(tiny_raw, p.override({"train.lr": 0.01}), out, folds=[0], name="tiny",
-                                folds_file=folds3)
-    with pytest.raises(ParamsError, match=r"folds \[3\]"):
-        crossval.cross_validate(tiny_raw, p, out, folds=[3], folds_file=folds3)
-
-
-def test_a_cv_recipe_key_is_the_params_the_stages_read_and_the_data(params):
-    """One hash of seed, window, split.folds, model and train (less device and amp) and the data: a fold is
-    found done only for the same."""
-    from covseg import crossval
-
-    key = crossval.recipe_key(params, "data")
-    for other in ({"seed": 1}, {"window.hu_min": -900}, {"split.folds": 4}, {"model.tta": True},
-                  {"model.class_bias": [0.0] * 4}, {"train.epochs": 7}, {"train.members": 1}):
-        assert crossval.recipe_key(params.override(other), "data") != key, other
-    assert crossval.recipe_key(params, "other data") != key
-    for same in ({"split.fold": 1}, {"train.device": "cpu"}, {"train.amp": not params.train.amp},
-                 {"evaluate.overlays": 1}):
-        assert crossval.recipe_key(params.override(same), "data") == key, same
+def test_the_shipped_model_trains_on_every_slice_without_validation(params, slices, tmp_path):
+    x, y = slices
+    p = params.override({**TINY_TRAIN, "train.epochs": 2})
+    empty = (x[:0], y[:0])
+    history = train(p.train, p.model, p.seed, x, y, *empty, tmp_path / "m.pt")
+    assert list(history["epoch"]) == [1, 2] and "val_loss" not in history.columns
+    model, ckpt = load_checkpoint(tmp_path / "m.pt")
+    assert ckpt["epoch"] == 2 and ckpt["val_kaggle_f1"] is None
+    assert (model.class_bias, model.tta, model.min_island) == ([0.0] * 4, False, 0), "saved without choices"
+    with pytest.raises(ParamsError, match="train.select: best .* no slice is held out"):
+        train(p.override({"train.select": "best"}).train, p.model, p.seed, x, y, *empty, tmp_path / "b.pt")
 
 
 class Killed(Exception):
@@ -385,7 +342,8 @@ def test_a_killed_ensemble_resumes_without_training_its_finished_members_again(p
 @pytest.mark.parametrize("amp,native", [(True, True), (True, False), (False, True)])
 def test_amp_trains_in_bfloat16_on_a_cpu_that_has_it_and_says_so_in_the_recipe(params, slices, tmp_path, monkeypatch,
                                                                                amp, native):
-    from covseg import crossval, training
+    from covseg import training
+    from covseg.params import recipe_key
 
     x, y = slices
     p = params.override({**TINY_TRAIN, "train.epochs": 1, "train.amp": amp, "train.device": "cpu"})
@@ -399,46 +357,10 @@ def test_amp_trains_in_bfloat16_on_a_cpu_that_has_it_and_says_so_in_the_recipe(p
     monkeypatch.setattr(training.torch, "autocast", spy)
     train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "m.pt")
     assert used and all(u == ("cpu", torch.bfloat16, amp and native) for u in used)
-    key, cv_key = training.recipe_key(p.train, p.model, p.seed), crossval.recipe_key(p, "d")
+    key, cv_key = training.recipe_key(p.train, p.model, p.seed), recipe_key(p.seed, p.model, p.train, "d")
     monkeypatch.setattr(training, "bf16_autocast", lambda device: not native)  # another machine
     assert (training.recipe_key(p.train, p.model, p.seed) != key) == amp, "a state of the other precision"
-    assert crossval.recipe_key(p, "d") == cv_key, "CV folds are found done on any machine (they record bf16)"
-
-
-def test_cross_validation_of_an_ensemble_also_scores_its_first_member_alone_and_all_but_its_last(
-        params, tiny_raw, tmp_path, monkeypatch, tiny_folds):
-    folds3 = tiny_folds(3)
-    from covseg import crossval
-
-    p = params.override({**TINY_TRAIN, "split.folds": 3, "train.epochs": 1, "train.members": 3})
-    scored = {"predict_logits": [], "predict_labels": []}  # the networks in each model scored
-
-    def spy(name):
-        def predict(model, *args, **kw):
-            scored[name].append([id(net) for net in crossval.members(model.unet)])
-            return real(model, *args, **kw)
-        real = getattr(crossval, name)
-        return predict
-
-    for name in scored:
-        monkeypatch.setattr(crossval, name, spy(name))
-    ens = crossval.cross_validate(tiny_raw, p, tmp_path / "ens.json", folds=[1],
-          folds_file=folds3)
-    [nets] = scored["predict_logits"]
-    assert len(nets) == 3 and sorted(scored["predict_labels"]) == sorted([nets[:1], nets[:2]])
-    monkeypatch.undo()
-    two = crossval.cross_validate(tiny_raw, p.override({"train.members": 2}), tmp_path / "two.json", folds=[1],
-          folds_file=folds3)
-    one = crossval.cross_validate(tiny_raw, p.override({"train.members": 1}), tmp_path / "one.json", folds=[1],
-          folds_file=folds3)
-    assert len({ens["recipe"], two["recipe"], one["recipe"]}) == 3
-    for m in crossval.CV_METRICS:
-        assert ens[f"without_members.{m}_mean"] == pytest.approx(one[f"{m}_mean"]), m
-        assert two[f"without_members.{m}_mean"] == pytest.approx(one[f"{m}_mean"]), m
-        assert ens[f"without_last_member.{m}_mean"] == pytest.approx(two[f"{m}_mean"]), m
-    assert "without_last_member.kaggle_f1_mean" not in two, "all but the last of two is the first alone"
-    assert "without_members.kaggle_f1_mean" not in one
-    assert ens["per_fold"][0]["bf16"] is uses_bf16(p.train), "each fold records its precision"
+    assert recipe_key(p.seed, p.model, p.train, "d") == cv_key, "CV folds and calibrations hold on any machine"
 
 
 def test_a_warm_started_ensemble_trains_its_finished_members_again(params, slices, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Team storage on S3, against a real S3 endpoint (moto) on 127.0.0.1, with the commands the README gives:
 a DVC remote on s3:// that a fresh clone pulls from, and an MLflow server whose artifacts live in the bucket."""
 import hashlib
+import json
 import os
 
 import pytest
@@ -34,7 +35,7 @@ def _keys(endpoint: str, prefix: str) -> list[str]:
 
 def test_dvc_remote_and_mlflow_artifacts_on_s3(new_project, sh, s3_endpoint, tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_ALLOW_PICKLE, "false")
-    project = new_project()
+    project = new_project({"split.folds": 2})  # a cross-validation of 2 folds
     # the README's commands: the default remote `local` moved to S3, with the endpoint of a non-AWS S3
     sh(f"dvc remote modify local url s3://{S3_BUCKET}/covseg && dvc remote modify local endpointurl {s3_endpoint}"
        " && git commit -qam 'dvc remote on S3'", project)
@@ -44,7 +45,11 @@ def test_dvc_remote_and_mlflow_artifacts_on_s3(new_project, sh, s3_endpoint, tmp
     server_env = {**S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
     with mlflow_server(tmp_path, artifacts=f"s3://{S3_BUCKET}/mlflow", env=server_env) as uri:
         os.environ[ENV_TRACKING_URI] = uri  # restored by conftest's fixture
-        sh("dvc repro && covseg promote --version 1 --force", project)
+        # the README's order: the recipe's calibration, the pipeline, the champion (by hand: tiny params learn
+        # too little for the gate's registry.min_score)
+        sh("covseg cv && covseg calibrate --cv reports/cv/default && dvc repro && covseg promote --version 1 --force",
+           project)
+        assert json.loads((project / PATHS.metrics).read_text())["calibrated"] is True
         sh("git add -A && git commit -qm 'tiny run'", project)
 
         # DVC: push with credentials from the environment ...
@@ -65,6 +70,7 @@ def test_dvc_remote_and_mlflow_artifacts_on_s3(new_project, sh, s3_endpoint, tmp
         assert "up to date" in sh("dvc status", clone).stdout
 
         # MLflow: the champion, loaded by covseg's loader in the clone, predicts what the run's checkpoint did
+        # with its calibration (the registered model carries its choices)
         sh("covseg submit --model models:/covseg-unet@champion --out from_registry", clone)
         for name in ("submission.csv", "test_masks.npy"):
             assert _md5(clone / "from_registry" / name) == pushed[f"{PATHS.submission}/{name}"]
@@ -73,5 +79,6 @@ def test_dvc_remote_and_mlflow_artifacts_on_s3(new_project, sh, s3_endpoint, tmp
     keys = _keys(s3_endpoint, "mlflow/")
     assert any(k.endswith("/artifacts/checkpoint.pt") for k in keys), keys
     assert any(k.endswith("/validation.json") for k in keys), keys
+    assert any(k.endswith("/cv/fold1.npz") for k in keys), "a fold's held-out logits, where the flows collect them"
     assert not (tmp_path / "artifacts").exists() and not (project / PATHS.mlflow_artifacts).exists()
     assert not list(tmp_path.rglob("checkpoint.pt"))

@@ -268,12 +268,16 @@ def post(url: str, payload: dict) -> tuple[dict, float, int]:
 @pytest.mark.slow
 def test_mlflow_models_serve_the_champion(mlflow_store, tmp_path):
     """`mlflow models serve -m models:/covseg-unet@champion` with pickle deserialization off answers
-    /invocations with the logits the model gives locally, a 1-pixel-high slice too (at train.scale 0.5),
-    and refuses bad requests with a 400 that holds no stack trace."""
+    /invocations with the logits the model gives locally with its calibrated choices (class offsets, flip),
+    as the evaluate stage registers it, a 1-pixel-high slice too (at train.scale 0.5), and refuses bad
+    requests with a 400 that holds no stack trace."""
     from servers import model_server
+
+    from covseg import calibration
 
     net = tiny_model()
     net.scale = 0.5
+    net = calibration.apply(net, {"class_bias": [0.5, -0.25, 0.0, 0.0], "tta": True, "min_island": 0})
     _, version, _ = log_and_register(net)
     MlflowClient().set_registered_model_alias(NAME, CHAMPION, version)
     x = np.random.default_rng(2).random((2, 1, 64, 64), dtype=np.float32)

@@ -82,18 +82,22 @@ def cmd_train(args, params: Params) -> None:
 
     result = train.run(args.data, args.model, args.history, params.seed, params.model, params.train,
                        params.tracking, params.flat(), args.state or None)
-    print(f"best epoch {result['best_epoch']}: val_kaggle_f1 {result['val_kaggle_f1']:.4f} -> {args.model} "
-          f"(MLflow run {result['mlflow_run_id']})")
+    scored = "" if result["val_kaggle_f1"] is None else f": val_kaggle_f1 {result['val_kaggle_f1']:.4f}"
+    print(f"epoch {result['best_epoch']}{scored} -> {args.model} (MLflow run {result['mlflow_run_id']})")
 
 
 def cmd_evaluate(args, params: Params) -> None:
     from covseg.stages import evaluate
 
-    m = evaluate.run(args.data, args.model, args.history, args.validation, args.metrics, args.out,
+    m = evaluate.run(args.data, args.model, args.history, args.validation, args.calibration, args.metrics, args.out,
                      params.evaluate, params.tracking, params.registry, params.train.device)
-    print(f"validation kaggle_f1 {m['kaggle_f1']:.4f} (ground glass {m['f1_ggo']:.4f}, "
-          f"consolidation {m['f1_consolidation']:.4f}; pooled {m['pooled_f1']:.4f}; "
-          f"constant predictor {m['trivial_kaggle_f1']:.4f}) -> {args.metrics}, {args.out}/"
+    if m["calibrated"]:
+        print(f"out-of-fold (nested, {m['oof_folds']} folds, {m['oof_slices']} slices): kaggle_f1 {m['kaggle_f1']:.4f} "
+              f"+- {m['kaggle_f1_std']:.4f}, Dice ground glass {m['dice_ggo']:.4f}, consolidation "
+              f"{m['dice_consolidation']:.4f} (constant predictor {m['trivial_kaggle_f1']:.4f})")
+    if "val_kaggle_f1" in m:
+        print(f"held-out fold ({m['val_slices']} slices): kaggle_f1 {m['val_kaggle_f1']:.4f}")
+    print(f"-> {args.metrics}, {args.out}/"
           + (f"; registered {params.registry.model_name} v{m['model_version']}" if "model_version" in m else ""))
 
 
@@ -101,8 +105,8 @@ def cmd_submit(args, params: Params) -> None:
     from covseg.stages import submit
     from covseg.validation import summary
 
-    result = submit.run(args.data, args.model, args.out, params.evaluate.batch_size, params.tracking,
-                        params.train.device)
+    result = submit.run(args.data, args.model, args.calibration, args.out, params.evaluate.batch_size,
+                        params.tracking, params.train.device)
     print(summary(result["report"]))
     print(f"{result['rows']:,} rows -> {result['csv']}; masks -> {result['masks']}")
 
@@ -111,12 +115,16 @@ def cmd_promote(args, params: Params) -> None:
     from covseg.atomic import write_json
     from covseg.registry import run_promotion
 
-    decision = run_promotion(args.data, params.registry, params.evaluate, params.tracking, params.train.device,
-                             args.version, args.force, args.allow_data_change)
-    scored = (f"; scored on {len(decision['eval_slice_ids'])} unseen validation slices"
-              if "eval_slice_ids" in decision else "")
+    decision = run_promotion(params.registry, params.tracking, args.version, args.force, args.allow_data_change)
     champion = "none" if decision["champion_after"] is None else f"v{decision['champion_after']}"
-    print(f"{params.registry.model_name}: {decision['reason']} (champion: {champion}){scored}")
+    scores = ""
+    if "challenger_score" in decision:
+        scores = (f"; out-of-fold {decision['metric']}: v{decision['challenger']} {decision['challenger_score']:.4f} "
+                  f"({decision['challenger_oof_slices']} slices)")
+        if "champion_score" in decision:
+            scores += (f", champion v{decision['champion_before']} {decision['champion_score']:.4f} "
+                       f"({decision['champion_oof_slices']} slices)")
+    print(f"{params.registry.model_name}: {decision['reason']} (champion: {champion}){scores}")
     if args.output:
         write_json(decision, args.output)
 
@@ -126,11 +134,19 @@ def cmd_cv(args, params: Params) -> None:
 
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
     _, composed = compose(args.override, args.conf)  # what `dvc exp run` with the same -S would run
-    name = args.name or composed.recipe
-    out = args.out or f"{PATHS.cv}/{name}.json"
-    summary = cross_validate(args.raw, composed, out, folds, name, args.folds_file)
+    out = args.out or f"{PATHS.cv}/{composed.recipe}"
+    summary = cross_validate(args.raw, composed, out, folds, args.folds_file)
     print(describe(summary))
-    print(f"-> {out}")
+    print(f"-> {out}/; then: covseg calibrate --cv {out}" + "".join(f" -S {o}" for o in args.override))
+
+
+def cmd_calibrate(args, params: Params) -> None:
+    from covseg.calibration import calibrate, describe
+
+    _, composed = compose(args.override, args.conf)
+    entry = calibrate(args.cv, composed.calibrate, args.out, composed.recipe)
+    print(describe(entry))
+    print(f"-> {args.out} (commit it: evaluate, submit, predict and the promotion gate read it)")
 
 
 def cmd_predict(args, params: Params) -> None:
@@ -193,33 +209,44 @@ def build_parser() -> argparse.ArgumentParser:
               data=PATHS.processed, model=PATHS.model, history=PATHS.history)
     p.add_argument("--state", default=PATHS.train_state,
                    help="state saved after every epoch; a killed run resumes from it ('' for none)")
-    p = stage("evaluate", "stage: validation metrics, per-slice table, plots", cmd_evaluate,
-              data=PATHS.processed, history=PATHS.history, metrics=PATHS.metrics, validation=PATHS.validation,
-              out=PATHS.evaluation)
-    p.add_argument("--model", default=PATHS.model, help=model_help)
+    p = stage("evaluate", "stage: the recipe's out-of-fold metrics (calibration file), plots; the calibrated "
+              "model logged and registered", cmd_evaluate, data=PATHS.processed, model=PATHS.model,
+              history=PATHS.history, calibration=PATHS.calibration, metrics=PATHS.metrics,
+              validation=PATHS.validation, out=PATHS.evaluation)
     p = stage("submit", "stage: predict the test images, write the competition CSV and masks", cmd_submit,
-              data=PATHS.processed, out=PATHS.submission)
+              data=PATHS.processed, calibration=PATHS.calibration, out=PATHS.submission)
     p.add_argument("--model", default=PATHS.model, help=model_help)
 
-    p = sub.add_parser("cv", help="k-fold cross-validation of a recipe on the labelled slices (never the test slices)")
+    def recipe_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-S", dest="override", action="append", default=[], metavar="KEY=VALUE",
+                       help="as dvc exp run -S: a recipe (-S recipe=seed) and keys on top (-S train.lr=0.001); "
+                            f"composed from {PATHS.conf}/")
+        p.add_argument("--conf", default=PATHS.conf, help=f"the recipes' folder (default: {PATHS.conf})")
+
+    p = sub.add_parser("cv", help="k-fold cross-validation of a recipe by the stages, on the labelled slices "
+                                  "(never the test slices): out-of-fold logits for `covseg calibrate`")
     p.add_argument("--raw", default=PATHS.raw)
-    p.add_argument("-S", dest="override", action="append", default=[], metavar="KEY=VALUE",
-                   help="as dvc exp run -S: a recipe (-S recipe=seed) and keys on top (-S train.lr=0.001); "
-                        f"composed from {PATHS.conf}/")
-    p.add_argument("--conf", default=PATHS.conf, help=f"the recipes' folder (default: {PATHS.conf})")
+    recipe_args(p)
     p.add_argument("--folds", help="only these folds, comma-separated (default: all split.folds)")
     p.add_argument("--folds-file", default=PATHS.folds, help=f"the folds (default: {PATHS.folds})")
-    p.add_argument("--name", help="the run's name in its summary (default: the recipe's)")
-    p.add_argument("--out", help=f"summary JSON (default: {PATHS.cv}/<name>.json)")
+    p.add_argument("--out", help=f"the run's folder (default: {PATHS.cv}/<recipe>)")
     p.set_defaults(func=cmd_cv)
 
-    p = stage("promote", "registry: challenger vs champion on the validation slices neither trained on, "
-              "by a metric gate", cmd_promote, data=PATHS.processed)
+    p = sub.add_parser("calibrate", help="choose the inference-time choices on the out-of-fold logits of "
+                                         "`covseg cv` (nested), write them to the calibration file")
+    p.add_argument("--cv", required=True, help="the folder `covseg cv --out` wrote")
+    recipe_args(p)
+    p.add_argument("--out", default=PATHS.calibration, help=f"the calibration file (default: {PATHS.calibration})")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("promote", help="registry: challenger vs champion by a metric gate on their out-of-fold "
+                                       "scores (tagged by evaluate from the calibration); no model is scored")
     p.add_argument("--version", type=int, help="the version to consider (default: the newest)")
     p.add_argument("--force", action="store_true", help="with --version: make it champion by hand (roll back)")
     p.add_argument("--allow-data-change", action="store_true",
-                   help="compare versions trained on other data versions, or without recorded provenance")
+                   help="compare versions trained on other (or unknown) data versions")
     p.add_argument("--output", help="write the decision as JSON here")
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("predict", help="segment your own scans (NIfTI, DICOM, PNG/JPG, .npy): labels, overlays, report")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders (searched recursively) or glob patterns")

@@ -1,157 +1,144 @@
-"""k-fold cross-validation of a recipe on the labelled slices: how covseg chooses epochs and recipes
-without ever looking at the test slices, and reports a mean and a spread instead of one lucky fold.
+"""k-fold cross-validation of a recipe on the labelled slices, by the pipeline's own stages: how covseg
+measures a recipe without ever looking at the test slices, and the out-of-fold logits it is calibrated on.
 
-Each fold is the `preprocess` split with `split.fold = k` (the same folds, from the folds file), trained
-with the stage's own loop and scored on its held-out slices, exactly as the pipeline would. Folds are
-written as they finish (`fold<k>.json` beside the summary), so a killed run resumes where it stopped;
-a fold recorded for other params or other data is run again.
+Fold k is the `preprocess` stage with `split.fold = k` (the folds of the folds file), the `train` stage on
+the other folds (a tracked MLflow run in the experiment `<tracking.experiment>-cv`, resumable) and the
+held-out slices' logits, plain and flip-averaged, saved as `fold<k>.npz` for `covseg calibrate`. A fold
+already done for the same recipe and data is kept, so a killed run resumes where it stopped. Locally
+`covseg cv` runs the folds one after another; the Prefect flow `cross_validate` runs one fold per worker.
 """
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
+import platform
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import torch
 
+from covseg import tracking
 from covseg.atomic import atomic_output, write_json
-from covseg.data import fingerprint, load_raw, one_hot_to_index
+from covseg.calibration import FOLD_FILE, NEUTRAL, predict, scores
+from covseg.data import fingerprint, load_raw
 from covseg.errors import ParamsError
-from covseg.evaluation import confusion_matrix, dice_metrics, per_slice_table, summary_metrics
-from covseg.model import Ensemble, Segmenter, load_checkpoint, members, pick_device, predict_labels, predict_logits
-from covseg.names import DICE, KAGGLE_F1, PATHS
-from covseg.params import Params
-from covseg.preprocessing import read_folds, window
-from covseg.training import train, uses_bf16
-from covseg.validation import validate_raw
-
-# what the summary reports as mean and spread over folds
-CV_METRICS = (*DICE, "f1_ggo", "f1_consolidation", KAGGLE_F1, "pooled_f1")
-
-
-def recipe_key(params: Params, data: str) -> str:
-    """A hash of everything a fold's result depends on: the data and the params the stages read. Not the
-    machine: not the device, nor whether train.amp trains in bfloat16 there (each fold records `bf16`),
-    so folds run on a GPU are found done where they are summarised."""
-    tree = params.tree()
-    read = {"seed": tree["seed"], "window": tree["window"], "split": {"folds": tree["split"]["folds"]},
-            "model": tree["model"], "train": {k: v for k, v in tree["train"].items() if k not in ("device", "amp")}}
-    return hashlib.sha256(json.dumps([read, data], sort_keys=True).encode()).hexdigest()[:16]
+from covseg.evaluation import per_slice_table
+from covseg.model import load_checkpoint, pick_device, predict_logits
+from covseg.names import CV_METRICS, PATHS, TAG_CV_FOLD
+from covseg.params import Params, Tracking, recipe_key
+from covseg.preprocessing import data_key, load_processed, read_folds
+from covseg.stages import preprocess as preprocess_stage
+from covseg.stages import train as train_stage
+from covseg.stages import validate as validate_stage
+from covseg.training import uses_bf16
 
 
-def _scores(labels: np.ndarray, preds: np.ndarray) -> dict:
-    return {**summary_metrics(confusion_matrix(labels, preds)), **dice_metrics(labels, preds)}
+def fold_logits(model, images: np.ndarray, batch_size: int, device) -> dict[str, np.ndarray]:
+    """The held-out slices' logits of a model trained without inference-time choices: plain and
+    flip-averaged (what the flip choice predicts), float16."""
+    plain = predict_logits(model, images, batch_size, device)
+    flipped = predict_logits(model, np.ascontiguousarray(images[..., ::-1]), batch_size, device)[..., ::-1]
+    return {"logits": plain.astype(np.float16), "logits_tta": ((plain + flipped) / 2).astype(np.float16)}
 
 
-def run_fold(images: np.ndarray, labels: np.ndarray, ids: list, fold_of: np.ndarray, fold: int,
-             params: Params, logits_out: Path | None = None, recipe: str = "") -> tuple[dict, pd.DataFrame]:
-    """Train on every fold but `fold`, score `fold`: (metrics, per-slice table of the held-out slices).
-    With `logits_out`, the held-out slices' logits (float16, without model.class_bias), labels and ids
-    are saved there (.npz, with `recipe`), so the bias can be chosen by nested cross-validation."""
-    tr, va = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
+def run_fold(raw: str | Path, params: Params, fold: int, folds_file: str | Path, report: str | Path,
+             out: Path, key: str, data: str) -> dict:
+    """Fold `fold` by the stages: preprocess with it held out, train on the rest (resumable from
+    `out`/fold<k>.state.pt), save the held-out logits to `out`/fold<k>.npz (also an artifact of the fold's
+    MLflow run, where the flow collects it from). Returns the fold's record, also `out`/fold<k>.json."""
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        history = train(params.train, params.model, params.seed, images[tr], labels[tr], images[va], labels[va],
-                        Path(tmp) / "model.pt")
-        model, ckpt = load_checkpoint(Path(tmp) / "model.pt")
+    trk = Tracking(experiment=f"{params.tracking.experiment}-cv")
+    with tempfile.TemporaryDirectory(prefix=f"covseg-cv-fold{fold}-") as tmp:
+        processed, model = Path(tmp) / "processed", Path(tmp) / "model.pt"
+        split = preprocess_stage.run(raw, processed, params.window, params.split.model_copy(update={"fold": fold}),
+                                     folds_file, report)["split"]
+        trained = train_stage.run(processed, model, out / f"fold{fold}.history.csv", params.seed, params.model,
+                                  params.train, trk, {**params.flat(), "split.fold": fold},
+                                  state=out / f"fold{fold}.state.pt")
+        net, ckpt = load_checkpoint(model)
+        images, labels = load_processed(processed, "val")
+    if trained["recipe_key"] != key:
+        raise RuntimeError(f"fold {fold} was trained as recipe {trained['recipe_key']}, not {key}")
     device = pick_device(params.train.device)
-    model = model.to(device)
-    logits = predict_logits(model, images[va], params.evaluate.batch_size, device)
-    raw = logits - np.asarray(model.class_bias, dtype=np.float32)[:, None, None]  # as trained
-    if logits_out is not None:
-        with atomic_output(logits_out) as tmp, open(tmp, "wb") as f:
-            np.savez_compressed(f, logits=raw.astype(np.float16), labels=labels[va],
-                                ids=np.asarray([ids[i] for i in va]), recipe=recipe)
-    preds = model.postprocess(torch.from_numpy(logits)).numpy()
-    metrics = {**_scores(labels[va], preds), "fold": fold, "train_slices": len(tr), "val_slices": len(va),
-               "epoch": int(ckpt["epoch"]), "bf16": uses_bf16(params.train),
-               "seconds": round(time.perf_counter() - start, 1),
-               "epoch_seconds": float(history["seconds"].mean())}
-    # the inference-time levers, ablated on the same trained model at no training cost
-    for lever, off in (("tta", {"tta": False}), ("min_island", {"min_island": 0}),
-                       ("tta_and_min_island", {"tta": False, "min_island": 0}),
-                       ("class_bias", {"class_bias": [0.0] * len(model.class_bias)})):
-        if all(getattr(model, k) != v for k, v in off.items()):
-            variant = copy.copy(model)
-            variant.__dict__.update(off)
-            preds_without = (variant.postprocess(torch.from_numpy(raw)).numpy() if lever == "class_bias" else
-                             predict_labels(variant, images[va], params.evaluate.batch_size, device))
-            scores = _scores(labels[va], preds_without)
-            metrics.update({f"without_{lever}.{k}": v for k, v in scores.items() if k in CV_METRICS})
-    # the ensemble's first member alone (the one-network training) and, from 3 members on, all but the last
-    nets = members(model.unet)
-    for lever, kept in (("members", nets[:1]), ("last_member", nets[:-1]))[:len(nets) - 1]:
-        fewer = Segmenter(kept[0] if len(kept) == 1 else Ensemble(kept), model.scale, model.tta,
-                          model.min_island, model.class_bias)
-        scores = _scores(labels[va], predict_labels(fewer, images[va], params.evaluate.batch_size, device))
-        metrics.update({f"without_{lever}.{k}": v for k, v in scores.items() if k in CV_METRICS})
-    table = per_slice_table(labels[va], preds, [ids[i] for i in va]).assign(fold=fold)
-    return metrics, table
+    logits = fold_logits(net.to(device), images, params.evaluate.batch_size, device)
+    preds = predict(logits, NEUTRAL)
+    fold_scores = scores(labels, preds)
+    record = {"fold": fold, "recipe": key, "data": data, "metrics": {
+        **fold_scores, "fold": fold, "train_slices": len(split["train_slice_ids"]), "val_slices": len(labels),
+        "epoch": int(ckpt["epoch"]), "bf16": uses_bf16(params.train), "seconds": round(time.perf_counter() - start, 1),
+        "mlflow_run_id": trained["mlflow_run_id"]},
+        "per_slice": per_slice_table(labels, preds, split["val_slice_ids"]).assign(fold=fold).to_dict(orient="list")}
+    npz = out / FOLD_FILE.format(k=fold)
+    with atomic_output(npz) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **logits, labels=labels, ids=np.asarray(split["val_slice_ids"]), recipe=key,
+                            data=data, recipe_name=params.recipe, folds=params.split.folds)
+    with tracking.resume(trained["mlflow_run_id"], trk.experiment):
+        mlflow.set_tag(TAG_CV_FOLD, fold)
+        mlflow.log_metrics({f"oof_{m}": float(fold_scores[m]) for m in CV_METRICS if np.isfinite(fold_scores[m])})
+        mlflow.log_artifact(str(npz), "cv")
+    write_json(record, out / f"fold{fold}.json")
+    for state in out.glob(f"fold{fold}.state*.pt"):
+        state.unlink()
+    return record
 
 
-def summarise(folds: list[dict], table: pd.DataFrame) -> dict:
-    """Mean and standard deviation over folds, and the same measures over all held-out slices pooled."""
+def summarise(folds: list[dict]) -> dict:
+    """Mean and standard deviation over folds of each measure (neutral choices)."""
     frame = pd.DataFrame(folds)
-    out = {"folds": len(frame)}
-    ablated = [c for c in frame.columns if c.startswith("without_")]
-    for m in (*CV_METRICS, *ablated):
+    out = {}
+    for m in CV_METRICS:
         out[f"{m}_mean"] = float(frame[m].mean())
         out[f"{m}_std"] = float(frame[m].std(ddof=1)) if len(frame) > 1 else 0.0
-    for d in DICE:  # every held-out slice that has the class, all folds together
-        out[f"{d}_all_slices"] = float(table[d].mean())
     out["train_seconds_mean"] = float(frame["seconds"].mean())
     return out
 
 
 def cross_validate(raw: str | Path, params: Params, out: str | Path, folds: Sequence[int] | None = None,
-                   name: str = "", folds_file: str | Path = PATHS.folds) -> dict:
-    """Cross-validate `params` on the labelled slices of the Kaggle-layout folder `raw` (which must
-    pass the data contract), in the folds of `folds_file`; write `out` (summary JSON), `fold<k>.json` and
-    `per_slice.csv` beside it. `folds` limits the run to some folds (the summary then says which).
-    Returns the summary."""
+                   folds_file: str | Path = PATHS.folds) -> dict:
+    """Cross-validate `params` on the labelled slices of the Kaggle-layout folder `raw` (which must pass
+    the data contract) in the folds of `folds_file`, into the folder `out`: fold<k>.npz / .json /
+    .history.csv, per_slice.csv and summary.json (scores with neutral choices; `covseg calibrate` makes the
+    choices). `folds` limits the run to some folds. Returns the summary."""
     out = Path(out)
-    data = load_raw(raw)
-    validate_raw(data, params.validate_)  # raises ContractError: bad data never reaches training
-    labels = one_hot_to_index(np.asarray(data.masks))
-    images = window(np.asarray(data.images)[..., 0], params.window.hu_min, params.window.hu_max)
-    fold_of = read_folds(folds_file, data)
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / "validation.json"
+    validate_stage.run(raw, report, params.validate_)  # raises ContractError: bad data never reaches training
+    fold_of = read_folds(folds_file, load_raw(raw))
     k = int(fold_of.max()) + 1
+    if k != params.split.folds:
+        raise ParamsError(f"split.folds = {params.split.folds}, but {folds_file} has {k} folds: set split.folds "
+                          f"to {k}, or run `covseg folds --force` to deal the slices again")
     folds = list(range(k)) if folds is None else sorted(set(folds))
     if not folds or any(f < 0 or f >= k for f in folds):
         raise ParamsError(f"folds {folds}: each must be in 0..{k - 1} ({folds_file} has {k} folds)")
-    key = recipe_key(params, f"{fingerprint(raw)}:{fold_of.tolist()}")
-
-    results, tables = [], []
+    data = data_key(fingerprint(raw), fold_of, params.window)
+    key = recipe_key(params.seed, params.model, params.train, data)
+    records = []
     for fold in folds:
-        fold_file = out.with_name(f"{out.stem}.fold{fold}.json")
-        done = json.loads(fold_file.read_text()) if fold_file.is_file() else {}
-        if done.get("recipe") != key:
-            metrics, table = run_fold(images, labels, data.train_ids, fold_of, fold, params,
-                                      fold_file.with_suffix(".logits.npz"), key)
-            done = {"recipe": key, "metrics": metrics, "per_slice": table.to_dict(orient="list")}
-            write_json(done, fold_file)
+        done_file = out / f"fold{fold}.json"
+        done = json.loads(done_file.read_text()) if done_file.is_file() else {}
+        if done.get("recipe") != key or not (out / FOLD_FILE.format(k=fold)).is_file():
+            done = run_fold(raw, params, fold, folds_file, report, out, key, data)
         print(f"fold {fold}: " + "  ".join(f"{m} {done['metrics'][m]:.4f}" for m in CV_METRICS)
               + f"  ({done['metrics']['seconds']:.0f}s)", flush=True)
-        results.append(done["metrics"])
-        tables.append(pd.DataFrame(done["per_slice"]))
-    table = pd.concat(tables, ignore_index=True)
-    summary = {"set": name, "recipe": key, "data": str(raw), "folds_run": folds, **summarise(results, table),
-               "per_fold": results, "params": params.flat()}
-    table.to_csv(out.with_name(f"{out.stem}.per_slice.csv"), index=False)
-    write_json(summary, out)
+        records.append(done)
+    pd.concat([pd.DataFrame(r["per_slice"]) for r in records]).to_csv(out / "per_slice.csv", index=False)
+    summary = {"recipe": params.recipe, "recipe_key": key, "data_key": data, "data": str(raw), "folds": k,
+               "folds_run": folds, **summarise([r["metrics"] for r in records]),
+               "bf16": uses_bf16(params.train), "machine": f"{platform.machine()}, torch {torch.__version__}",
+               "per_fold": [r["metrics"] for r in records], "params": params.flat()}
+    write_json(summary, out / "summary.json")
     return summary
 
 
 def describe(summary: dict) -> str:
-    """One line per measure: mean +- std over folds."""
-    lines = [f"{summary['folds']}-fold cross-validation ({summary['set'] or 'params.yaml'}):"]
+    """One line per measure: mean +- std over folds (neutral choices)."""
+    lines = [f"{len(summary['folds_run'])} of {summary['folds']} folds of recipe {summary['recipe']} "
+             f"({summary['recipe_key']}), no inference-time choices (`covseg calibrate` makes them):"]
     for m in CV_METRICS:
         lines.append(f"  {m:18s} {summary[f'{m}_mean']:.4f} +- {summary[f'{m}_std']:.4f}")
     return "\n".join(lines) + f"\n  per fold training  {summary['train_seconds_mean']:.0f}s"
-

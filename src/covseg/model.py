@@ -118,9 +118,10 @@ class Segmenter(nn.Module):
     The U-Net inside may work at a fraction `scale` of the slice size (train.scale); this wrapper
     resizes on the way in and out, so every consumer (evaluate, submit, the registry) sees full size.
     With `tta` the logits are the mean over the slice and its left-right mirror. `postprocess` turns
-    logits into labels, dropping findings smaller than `min_island` pixels (model.min_island).
-    `class_bias` is added to each class's logits (model.class_bias, chosen by cross-validation):
-    a class the training's weights make too rare or too common is called more or less often.
+    logits into labels, dropping findings smaller than `min_island` pixels .
+    `class_bias` is added to each class's logits: a class the training's weights make too rare or too
+    common is called more or less often. Training saves these neutral (off); `covseg calibrate` chooses
+    them on out-of-fold logits and covseg.calibration sets them where a model is used.
     """
 
     def __init__(self, unet: UNet | Ensemble, scale: float = 1.0, tta: bool = False, min_island: int = 0,
@@ -144,29 +145,31 @@ class Segmenter(nn.Module):
     def postprocess(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, 4, H, W) logits -> (N, H, W) uint8 labels; a connected finding (ground glass or
         consolidation) of fewer than `min_island` pixels takes the slice's next most likely class."""
-        labels = logits.argmax(1)
+        labels = logits.argmax(1).to(torch.uint8)
         if self.min_island <= 0:
-            return labels.to(torch.uint8)
-        from scipy import ndimage
-
-        out = labels.numpy().copy()
-        for i, (lab, lg) in enumerate(zip(out, logits.numpy())):
-            for c in SCORED:
-                comps, n = ndimage.label(lab == c)
-                if n == 0:
-                    continue
-                sizes = np.bincount(comps.ravel())
-                small = (sizes < self.min_island)[comps] & (comps > 0)
-                if small.any():
-                    rest = lg.copy()
-                    rest[c] = -np.inf
-                    out[i][small] = rest.argmax(0)[small]
-        return torch.from_numpy(out.astype(np.uint8))
+            return labels
+        return torch.from_numpy(remove_islands(labels.numpy(), logits.numpy(), self.min_island))
 
 
-def segmenter(unet: UNet | Ensemble, scale: float, m: ModelParams) -> Segmenter:
-    """The deployable model of `unet` with the inference-time choices of params.yaml:model."""
-    return Segmenter(unet, scale, m.tta, m.min_island, m.class_bias)
+def remove_islands(labels: np.ndarray, logits: np.ndarray, min_island: int) -> np.ndarray:
+    """(N, H, W) labels with every connected finding (ground glass or consolidation) of fewer than
+    `min_island` pixels given its pixels' next most likely class of the (N, C, H, W) `logits`."""
+    from scipy import ndimage
+
+    out = np.array(labels, dtype=np.uint8)
+    if min_island <= 0:
+        return out
+    for lab, lg in zip(out, logits):
+        for c in SCORED:
+            comps, n = ndimage.label(lab == c)
+            if n == 0:
+                continue
+            small = (np.bincount(comps.ravel()) < min_island)[comps] & (comps > 0)
+            if small.any():
+                rest = np.array(lg, dtype=np.float32)
+                rest[c] = -np.inf
+                lab[small] = rest.argmax(0)[small]
+    return out
 
 
 NETWORK_CONFIG = frozenset(inspect.signature(UNet).parameters)  # what a checkpoint's "config" may hold

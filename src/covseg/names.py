@@ -18,13 +18,15 @@ MAX_MEMBERS = 16  # the most networks an ensemble (train.members) may hold
 KAGGLE_F1 = "kaggle_f1"  # mean F1 of the scored classes: the competition's score
 DICE = tuple(f"dice_{SHORT[c]}" for c in SCORED)  # per-slice mean Dice: how published results are reported
 HEADLINE_METRICS = (KAGGLE_F1, "f1_ggo", "f1_consolidation", "pooled_f1", *DICE)
+CV_METRICS = (*DICE, "f1_ggo", "f1_consolidation", KAGGLE_F1, "pooled_f1")  # cross-validation: mean and spread
 
 # The pipeline's stages in dvc.yaml, in order (a test checks dvc.yaml against it).
 STAGES = ("validate", "preprocess", "train", "evaluate", "submit")
 
 # Default paths, relative to the project root; dvc.yaml passes the same ones.
 PATHS = SimpleNamespace(
-    params="params.yaml", conf="conf", dvc_file="data.dvc", folds="folds.json", raw="data/raw",
+    params="params.yaml", conf="conf", dvc_file="data.dvc", folds="folds.json", calibration="calibration.json",
+    raw="data/raw",
     processed="data/processed",
     model="models/model.pt", train_state="models/train_state.pt",
     history="reports/train_history.csv", validation="reports/validation.json",
@@ -48,9 +50,15 @@ def processed_file(part: str, kind: str) -> str:
 # MLflow tags and registry aliases.
 TAG_GIT_COMMIT, TAG_DATA_VERSION, TAG_DVC_EXP, TAG_DVC_ROOT = "git_commit", "data_version", "dvc_exp_name", "dvc_root"
 TAG_FLOW_RUN, TAG_BEST_EPOCH, TAG_PROMOTION = "prefect_flow_run_id", "best_epoch", "promotion"
+TAG_RECIPE_KEY, TAG_CV_FOLD = "recipe_key", "cv_fold"  # params.recipe_key of a training run and a version
+# A registered version's calibration: its recipe key's entry in calibration.json, and the out-of-fold scores of
+# that entry (the headline metrics under OOF_PREFIX, the slices and folds they come from, the constant
+# predictor's kaggle_f1 on them); the gate compares these, and refuses a version without them.
+TAG_CALIBRATED, TAG_CHOICES, OOF_PREFIX = "calibrated", "inference_choices", "oof_"
+TAG_OOF_SLICES, TAG_OOF_FOLDS, TAG_OOF_TRIVIAL = "oof_slices", "oof_folds", "oof_trivial_kaggle_f1"
 TAG_CUDA_DEVICES = "cuda_visible_devices"  # the GPUs the run was pinned to ("(unset)": all it could see)
 CHALLENGER, CHAMPION = "challenger", "champion"
-# What a registered version was trained on (its provenance; the gate scores only slices it never saw):
+# What a registered version was trained on (its provenance):
 # the ids themselves when short, else the run artifact TRAINING_SLICES_FILE; their sha256 and count always.
 TAG_TRAIN_SLICES, TAG_TRAIN_SLICES_SHA256, TAG_TRAIN_SLICES_COUNT = (
     "train_slice_ids", "train_slices_sha256", "train_slices_count")

@@ -9,6 +9,8 @@ the value and what is allowed. Stages receive only the sections they read.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -57,14 +59,14 @@ class Window(Section):
 
 class Split(Section):
     folds: int = Field(ge=2, le=20)
-    fold: int = Field(ge=0)
+    fold: int | str  # all: no slice held out (the shipped model); k: fold k held out (cross-validation)
 
     @field_validator("fold")
     @classmethod
-    def _fold_in_range(cls, value: int, info: ValidationInfo) -> int:
-        folds = info.data.get("folds")
-        if folds is not None and value >= folds:
-            raise ValueError(f"must be in 0..{folds - 1} (split.folds is {folds})")
+    def _fold_in_range(cls, value: int | str, info: ValidationInfo) -> int | str:
+        folds = info.data.get("folds", 0)
+        if value != "all" and (isinstance(value, str) or not 0 <= value < folds):
+            raise ValueError(f"must be all or in 0..{folds - 1} (split.folds is {folds})")
         return value
 
 
@@ -72,9 +74,6 @@ class ModelParams(Section):
     base_channels: int = Field(ge=1, le=256)
     depth: int = Field(ge=1, le=7)
     norm: Literal["batch", "instance", "none"]
-    tta: bool
-    min_island: int = Field(ge=0)
-    class_bias: list[Annotated[float, Field(ge=-10, le=10)]] = Field(min_length=NUM_CLASSES, max_length=NUM_CLASSES)
 
 
 Weight = Annotated[float, Field(ge=0)]
@@ -135,6 +134,17 @@ class Train(Section):
             raise ValueError("must be empty, a registry model (models:/NAME@ALIAS or models:/NAME/VERSION) or a "
                              "checkpoint path of letters, digits and _ . / - only")
         return value
+
+
+Offset = Annotated[float, Field(ge=-10, le=10)]
+
+
+class Calibrate(Section):
+    """What `covseg calibrate` may choose on the out-of-fold logits (covseg.calibration)."""
+    offsets: list[Literal["ggo", "consolidation"]] = Field(max_length=2)
+    offset_grid: list[Offset] = Field(min_length=1)
+    tta: list[bool] = Field(min_length=1, max_length=2)
+    min_island: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
 
 
 class Evaluate(Section):
@@ -225,6 +235,7 @@ class Params(Section):
     split: Split
     model: ModelParams
     train: Train
+    calibrate: Calibrate
     evaluate: Evaluate
     validate_: Validate = Field(alias="validate")  # `validate` is a BaseModel method
     tracking: Tracking
@@ -244,6 +255,16 @@ class Params(Section):
     def flat(self) -> dict[str, Any]:
         """{'train.lr': 0.001, ...}: every value by its dotted key (lists as text), for MLflow."""
         return flatten(self.tree())
+
+
+def recipe_key(seed: int, m: ModelParams, t: Train, data_key: str) -> str:
+    """What a trained model's out-of-fold scores and calibration are keyed by: the params its training
+    reads (not the machine: train.device, train.amp) and the data it was trained on (`data_key`: the raw
+    data, its HU window and its folds). A cross-validation fold and the model trained on every slice of the
+    same recipe and data share it."""
+    read = {"seed": seed, "model": m.model_dump(mode="json"),
+            "train": {k: v for k, v in t.model_dump(mode="json").items() if k not in ("device", "amp")}}
+    return hashlib.sha256(json.dumps([read, data_key], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -24,6 +24,12 @@ def _save(fig, path: Path) -> Path:
 
 
 def loss_curves(history: pd.DataFrame, path: str | Path) -> Path:
+    """Training loss and, where a fold was held out, validation loss and F1 per epoch."""
+    if "val_loss" not in history.columns:  # the shipped model: every slice trains, none is scored
+        fig, ax1 = plt.subplots(figsize=(5.5, 4))
+        ax1.plot(history["epoch"], history["train_loss"], label="train")
+        ax1.set(xlabel="epoch", ylabel="loss", title="Training loss (no slice held out)")
+        return _save(fig, Path(path))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     val = history.dropna(subset=["val_loss"])  # validation is scored every train.val_every epochs
     ax1.plot(history["epoch"], history["train_loss"], label="train")

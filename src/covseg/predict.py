@@ -21,6 +21,7 @@ from covseg.atomic import atomic_output, write_json
 from covseg.errors import CovsegError, DataError
 from covseg.names import (
     CLASSES,
+    PATHS,
     PREDICT_INDEX,
     PREDICT_OVERLAYS,
     PREDICT_REPORT_JSON,
@@ -172,13 +173,13 @@ def assign_names(sources: list[Source], index: dict[str, str]) -> list[str]:
 # ----------------------------------------------------------------------------------------- the run
 
 
-def _load(model, device):
+def _load(model, device, calibration_file):
     if not isinstance(model, str | Path):
         return model.to(device).eval()
-    from covseg.model import load_model
+    from covseg.calibration import load_calibrated
 
     try:
-        return load_model(model, device)[0]
+        return load_calibrated(model, calibration_file, device)[0]
     except Exception as exc:  # a missing file, an unknown alias, an unreachable store: one message
         raise CovsegError(f"model {model}: cannot be loaded ({type(exc).__name__}: {exc})") from None
 
@@ -250,9 +251,10 @@ def write_report(out: Path, scan_rows: list[dict], slices: list[dict], failed: l
 
 
 def predict_scans(inputs: list[str | Path | Source], out: str | Path, model, pp: Predict, win: Window,
-                  progress: bool = True) -> dict:
-    """Predict every scan in `inputs` (files, folders, glob patterns, or `Source`s) with `model` (a checkpoint path, an
-    MLflow model URI, or a loaded torch module); write label maps, overlays and the report under `out`.
+                  progress: bool = True, calibration_file: str | Path = PATHS.calibration) -> dict:
+    """Predict every scan in `inputs` (files, folders, glob patterns, or `Source`s) with `model` (a checkpoint path,
+    calibrated by `calibration_file`; an MLflow model URI, calibrated when registered; or a loaded torch module);
+    write label maps, overlays and the report under `out`.
 
     Returns {"scans": [row per scan, failures included], "failed": [{"input", "error"}], "skipped": [...],
     "report": path of report.json}. A bad input is a failure in the result and the report, never an
@@ -277,7 +279,7 @@ def predict_scans(inputs: list[str | Path | Source], out: str | Path, model, pp:
     if pp.threads:
         torch.set_num_threads(pp.threads)
     device = pick_device(pp.device)
-    net = _load(model, device) if sources else None
+    net = _load(model, device, calibration_file) if sources else None
     scan_rows = [{"scan": "", "input": f["input"], "format": "", "status": "failed", "error": f["error"]}
                  for f in failed]
     all_slices: list[dict] = []

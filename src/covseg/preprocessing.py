@@ -4,6 +4,7 @@ The folds are written once into a file (folds.json, as nnU-Net's splits_final.js
 by everything that splits the labelled slices: the pipeline's validation fold and cross-validation."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -115,20 +116,29 @@ def write_folds(raw_dir: str | Path, path: str | Path, folds: int, seed: int, fo
     return True
 
 
-def preprocess(raw: RawData, out_dir: str | Path, win: Window, split: Split, fold_of: np.ndarray) -> dict:
+def data_key(fingerprint: str, fold_of: np.ndarray, win: Window) -> str:
+    """What a model is trained and cross-validated on: the raw data (its fingerprint), the HU window and
+    the folds (params.recipe_key)."""
+    key = [fingerprint, [int(f) for f in fold_of], [win.hu_min, win.hu_max]]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def preprocess(raw: RawData, out_dir: str | Path, win: Window, split: Split, fold_of: np.ndarray,
+               key: str = "") -> dict:
     """Write the processed arrays and split.json into the folder `out_dir` (which may be a staging
-    folder), fold `split.fold` of `fold_of` (each labelled slice's fold) being validation; returns the
-    split summary."""
+    folder), fold `split.fold` of `fold_of` (each labelled slice's fold) being validation (none with
+    `all`: the shipped model trains on every labelled slice); `key` is the data key (`data_key`) recorded
+    in split.json. Returns the split summary."""
     labels = one_hot_to_index(raw.masks)
     if fold_of.max() + 1 != split.folds:
         raise ParamsError(f"split.folds = {split.folds}, but the folds file has {fold_of.max() + 1} folds: set "
                           f"split.folds to that, or run `covseg folds --force` to deal the slices again")
-    val = np.flatnonzero(fold_of == split.fold)
-    train = np.flatnonzero(fold_of != split.fold)
+    held_out = np.zeros(len(fold_of), bool) if split.fold == "all" else fold_of == split.fold
+    val, train = np.flatnonzero(held_out), np.flatnonzero(~held_out)
     images = window(raw.images[..., 0], win.hu_min, win.hu_max)
     burden = lesion_burden(labels)
     summary = {
-        "folds": split.folds, "fold": split.fold,
+        "folds": split.folds, "fold": split.fold, "data_key": key,
         "train_index": train.tolist(), "val_index": val.tolist(),
         "train_slice_ids": [raw.train_ids[i] for i in train],
         "val_slice_ids": [raw.train_ids[i] for i in val],

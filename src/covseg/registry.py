@@ -1,13 +1,25 @@
-"""The MLflow model registry: one registered model, a version per training run, aliases
+"""The MLflow model registry: one registered model, a version per trained (and calibrated) model, aliases
 `challenger` / `champion`, and promotion by a metric gate. Aliases, never the deprecated stages.
 
-Provenance: each version registered by the evaluate stage is tagged with the data version it was trained
-on and the ids of its training slices (inline when short, else the run artifact `training_slices.json`;
-their sha256 and count always), so that the gate scores only validation slices neither model saw.
+The gate compares out-of-fold scores. The shipped model trains on every labelled slice, so no slice is
+left on which it could be scored fairly; a recipe's quality is instead its out-of-fold scores from
+cross-validation, measured by nested CV (`covseg cv`, `covseg calibrate`, calibration.json), which the
+evaluate stage tags on each version it registers (`calibrated`, `oof_<metric>`, `oof_slices`,
+`oof_folds`, `oof_trivial_kaggle_f1`). No model is loaded or scored here. A version without them (no
+calibration for its recipe and data) is refused, naming the commands that make one; so is one whose
+scores come from fewer than `min_eval_slices` out-of-fold slices. With no champion, a version must
+reach `min_score` and its out-of-fold kaggle_f1 must beat the constant predictor's on the same slices;
+else it must beat the champion's out-of-fold score by `promotion_margin`. Scores measured on other data
+are not comparable: versions whose `data_version` tags differ (or are unknown) are compared only with
+`allow_data_change`.
 
-Promotion is compare-and-set. Scoring runs without a lock; the moves of the aliases and the recorded
-decision happen under a lease on the registered model (`PromotionLock`), after the champion alias is
-read again: if it moved since scoring, both versions are scored again against the new champion (up to
+Provenance: each version registered by the evaluate stage is also tagged with the data version it was
+trained on and the ids of its training slices (inline when short, else the run artifact
+`training_slices.json`; their sha256 and count always); the gate reads the data version.
+
+Promotion is compare-and-set. The decision is made without a lock; the moves of the aliases and the
+recorded decision happen under a lease on the registered model (`PromotionLock`), after the champion
+alias is read again: if it moved since, the challenger is compared again with the new champion (up to
 `MAX_ROUNDS` times, then the gate gives up and changes nothing). Guarantee: among promotions that all
 go through this module, each decision compares the challenger with the version that is champion when
 the alias moves, so two promotions at once cannot both win against the same champion and a worse
@@ -23,14 +35,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import socket
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import mlflow
 from mlflow import MlflowClient
@@ -39,29 +50,46 @@ from covseg.errors import CovsegError
 from covseg.names import (
     CHALLENGER,
     CHAMPION,
-    PATHS,
+    HEADLINE_METRICS,
+    KAGGLE_F1,
+    OOF_PREFIX,
+    TAG_CALIBRATED,
     TAG_DATA_VERSION,
+    TAG_OOF_FOLDS,
+    TAG_OOF_SLICES,
+    TAG_OOF_TRIVIAL,
     TAG_PROMOTION,
     TAG_PROMOTION_LOCK,
+    TAG_RECIPE_KEY,
     TAG_TRAIN_SLICES,
     TAG_TRAIN_SLICES_COUNT,
     TAG_TRAIN_SLICES_SHA256,
     TRAINING_SLICES_FILE,
 )
-from covseg.params import Evaluate, Registry, Tracking
+from covseg.params import Registry, Tracking
 
 INLINE_IDS_MAX_CHARS = 1000  # longer lists of training slice ids go to the run artifact
-MAX_ROUNDS = 5  # times the gate scores again because the champion moved, before it gives up
+MAX_ROUNDS = 5  # times the gate decides again because the champion moved, before it gives up
 
 
-def register(model_uri: str, run_id: str, name: str, tags: dict) -> int:
-    """Register the run's model as a new version (once per run); tag it; return the version number."""
+def find_version(name: str, run_id: str, match: dict) -> int | None:
+    """The newest version of `name` registered from run `run_id` whose tags hold every item of `match`."""
+    versions = MlflowClient().search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    found = [int(v.version) for v in versions if all(v.tags.get(k) == str(val) for k, val in match.items())]
+    return max(found) if found else None
+
+
+def register(model_uri: str, name: str, tags: dict) -> int:
+    """Register the logged model `model_uri` as a new version of `name`; tag it; return the version number."""
+    version = int(mlflow.register_model(model_uri, name).version)
+    tag(name, version, tags)
+    return version
+
+
+def tag(name: str, version: int, tags: dict) -> None:
     client = MlflowClient()
-    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    version = existing[0].version if existing else mlflow.register_model(model_uri, name).version
     for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
-    return int(version)
+        client.set_model_version_tag(name, str(version), key, str(value))
 
 
 def aliases(name: str, uri: str | None = None) -> dict[str, int]:
@@ -128,76 +156,6 @@ def record_provenance(name: str, version: int, run_id: str, data_version: str, t
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
     return tags
-
-
-@dataclass(frozen=True)
-class Provenance:
-    version: int
-    data_version: str  # '' when unknown
-    train_slice_ids: frozenset[int] | None  # None when the version has no recorded training slices
-
-    @property
-    def known(self) -> bool:
-        return bool(self.data_version) and self.train_slice_ids is not None
-
-
-def provenance(name: str, version: int) -> Provenance:
-    """What `version` was trained on, read back from its tags (or its run's artifact) and checked
-    against the recorded sha256 and count."""
-    mv = MlflowClient().get_model_version(name, str(version))
-    tags, where = mv.tags, f"{name} v{version}"
-    if TAG_TRAIN_SLICES_SHA256 not in tags:
-        return Provenance(int(version), tags.get(TAG_DATA_VERSION, ""), None)
-    try:
-        if TAG_TRAIN_SLICES in tags:
-            ids = [int(i) for i in tags[TAG_TRAIN_SLICES].split(",") if i]
-            where += f" tag {TAG_TRAIN_SLICES}"
-        else:
-            where += f" run {mv.run_id} artifact {TRAINING_SLICES_FILE}"
-            ids = [int(i) for i in mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/{TRAINING_SLICES_FILE}")
-                   ["train_slice_ids"]]
-    except (ValueError, TypeError, KeyError, OSError, mlflow.exceptions.MlflowException) as exc:
-        raise CovsegError(f"{where}: training slice ids are unreadable ({exc})") from None
-    if slices_digest(ids) != tags[TAG_TRAIN_SLICES_SHA256] or str(len(ids)) != tags.get(TAG_TRAIN_SLICES_COUNT):
-        raise CovsegError(f"{where}: the {len(ids)} training slice ids do not match the recorded "
-                          f"{TAG_TRAIN_SLICES_SHA256} / {TAG_TRAIN_SLICES_COUNT} tags: provenance was tampered with")
-    return Provenance(int(version), tags.get(TAG_DATA_VERSION, ""), frozenset(ids))
-
-
-def eval_plan(name: str, val_slice_ids: list[int], challenger: Provenance, champion: Provenance | None,
-              eval_data_version: str, min_eval_slices: int, allow_data_change: bool) -> dict:
-    """The validation slices to score on: those of `val_slice_ids` neither version was trained on.
-    Refuses (CovsegError) when a version has no provenance or the data versions differ (unless
-    `allow_data_change`), and when fewer than `min_eval_slices` slices remain."""
-    versions = [p for p in (challenger, champion) if p is not None]
-    missing = [p.version for p in versions if not p.known]
-    data = {f"v{p.version}": p.data_version for p in versions}
-    if eval_data_version:  # the workspace's data.dvc, when there is one
-        data["validation data"] = eval_data_version
-    changed = len(set(data.values())) > 1
-    if missing and not allow_data_change:
-        which = ", ".join(f"v{v}" for v in missing)
-        raise CovsegError(f"{name} {which}: no training provenance (data version and training slice ids; "
-                          f"registered before covseg recorded them), so the gate cannot tell which validation "
-                          f"slices it saw; pass --allow-data-change to score it on the slices the other version "
-                          f"did not see")
-    if changed and not allow_data_change:
-        listed = ", ".join(f"{k} {v or 'unknown'}" for k, v in data.items())
-        raise CovsegError(f"{name}: the data versions differ ({listed}): slice ids may not name the same "
-                          f"slices; pass --allow-data-change to compare anyway")
-    seen = set().union(*(p.train_slice_ids for p in versions if p.train_slice_ids is not None))
-    eval_ids = [int(i) for i in val_slice_ids if int(i) not in seen]
-    if len(eval_ids) < min_eval_slices:
-        trained = ", ".join(f"v{p.version} on {len(p.train_slice_ids) if p.train_slice_ids is not None else '?'}"
-                            for p in versions)
-        raise CovsegError(
-            f"{name}: only {len(eval_ids)} of the {len(val_slice_ids)} validation slices were seen by "
-            f"neither version (trained: {trained} slices), fewer than registry.min_eval_slices "
-            f"{min_eval_slices}: not scored, nothing changed. Preprocess with a split.fold whose slices "
-            f"neither version trained on, or lower registry.min_eval_slices")
-    return {"eval_slice_ids": eval_ids, "excluded_slice_ids": sorted(set(map(int, val_slice_ids)) & seen),
-            "data_versions": data, "data_changed": changed, "provenance_missing": missing,
-            "allow_data_change": allow_data_change}
 
 
 # ----------------------------------------------------------------------------- the lease
@@ -283,13 +241,110 @@ def lock_for(reg: Registry) -> PromotionLock:
 # ----------------------------------------------------------------------------- the gate
 
 
-@dataclass
-class Scorer:
-    """What the gate scores with: the validation slices on offer, `score(model_uri, slice_ids)` -> the
-    promotion metric on those slices, and `floor(slice_ids)` -> the constant predictor's (or None)."""
-    slice_ids: list[int]
-    score: Callable[[str, list[int]], float]
-    floor: Callable[[list[int]], float | None] = field(default=lambda ids: None)
+@dataclass(frozen=True)
+class OutOfFold:
+    """A version's out-of-fold scores, as the evaluate stage tagged them (what the gate compares)."""
+    version: int
+    calibrated: bool
+    recipe_key: str  # '' when untagged
+    data_version: str  # '' when unknown
+    scores: dict[str, float]  # headline metric -> out-of-fold score, for those tagged
+    slices: int | None  # the out-of-fold slices the scores come from
+    folds: int | None
+    trivial: float | None  # the constant predictor's kaggle_f1 on those slices
+
+    def missing(self, metrics) -> list[str]:
+        """The tags a challenger needs to be judged on `metrics` (and the floor) that this one lacks."""
+        need = {f"{OOF_PREFIX}{m}": self.scores.get(m) for m in dict.fromkeys(metrics)}
+        need.update({TAG_OOF_SLICES: self.slices, TAG_OOF_TRIVIAL: self.trivial})
+        return [tag for tag, value in need.items() if value is None]
+
+
+def out_of_fold(name: str, version: int) -> OutOfFold:
+    """The out-of-fold scores tagged on `version` (a tag that is not a number is a CovsegError)."""
+    tags = MlflowClient().get_model_version(name, str(version)).tags
+
+    def number(tag: str, whole: bool = False):
+        raw = tags.get(tag)
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (whole and not value.is_integer()):
+            raise CovsegError(f"{name} v{version}: tag {tag} is {raw!r}, not {'a count' if whole else 'a score'}; "
+                              f"run `dvc repro` (evaluate tags the version again)")
+        return int(value) if whole else value
+
+    return OutOfFold(int(version), tags.get(TAG_CALIBRATED) == "true", tags.get(TAG_RECIPE_KEY, ""),
+                     tags.get(TAG_DATA_VERSION, ""),
+                     {m: s for m in HEADLINE_METRICS if (s := number(f"{OOF_PREFIX}{m}")) is not None},
+                     number(TAG_OOF_SLICES, True), number(TAG_OOF_FOLDS, True), number(TAG_OOF_TRIVIAL))
+
+
+def _check_challenger(reg: Registry, mine: OutOfFold) -> None:
+    """Refuse (CovsegError) a challenger the gate cannot judge: no out-of-fold scores, or too few slices."""
+    name, v = reg.model_name, mine.version
+    missing = mine.missing((reg.promotion_metric, KAGGLE_F1))
+    if not mine.calibrated or missing:
+        what = (f"is not calibrated (recipe key {mine.recipe_key or 'unknown'})" if not mine.calibrated
+                else f"lacks the tags {', '.join(missing)}")
+        raise CovsegError(f"{name} v{v} {what}: it has no out-of-fold scores to compare, so the gate refuses it; "
+                          f"nothing changed. Run `covseg cv` and `covseg calibrate` for its recipe, commit "
+                          f"calibration.json, then `dvc repro` (evaluate tags the version again)")
+    if mine.slices < reg.min_eval_slices:
+        raise CovsegError(f"{name} v{v}: its out-of-fold scores come from {mine.slices} slices, fewer than "
+                          f"registry.min_eval_slices {reg.min_eval_slices}: not compared, nothing changed. "
+                          f"Cross-validate and calibrate on more labelled slices, or lower registry.min_eval_slices")
+
+
+def _decide(reg: Registry, mine: OutOfFold, theirs: OutOfFold | None, allow_data_change: bool) -> dict:
+    """The decision on challenger `mine` against champion `theirs` (None: no champion), from their out-of-fold
+    scores: {promoted, reason, the scores, slices and data versions}. Refuses (CovsegError) a challenger or a
+    champion the gate cannot judge, and versions of other data unless `allow_data_change`."""
+    name, metric, margin = reg.model_name, reg.promotion_metric, reg.promotion_margin
+    _check_challenger(reg, mine)
+    s = mine.scores[metric]
+    decision = {"challenger": mine.version, "champion_before": None if theirs is None else theirs.version,
+                "metric": metric, "margin": margin, "challenger_score": s, "challenger_oof_slices": mine.slices,
+                "challenger_oof_folds": mine.folds, "challenger_recipe_key": mine.recipe_key,
+                "data_versions": {f"v{mine.version}": mine.data_version}}
+    if theirs is None:
+        f1, floor = mine.scores[KAGGLE_F1], mine.trivial
+        decision.update(min_score=reg.min_score, challenger_kaggle_f1=f1, floor=floor)
+        if s < reg.min_score:
+            reason = f"no champion yet, and out-of-fold {metric} {s:.4f} is below registry.min_score {reg.min_score}"
+        elif f1 <= floor:
+            reason = (f"no champion yet, and out-of-fold {KAGGLE_F1} {f1:.4f} does not beat the constant "
+                      f"predictor's ({floor:.4f})")
+        else:
+            return {**decision, "promoted": True,
+                    "reason": f"no champion yet; out-of-fold {metric} {s:.4f} reaches registry.min_score "
+                              f"{reg.min_score} and {KAGGLE_F1} {f1:.4f} beats the constant predictor's ({floor:.4f})"}
+        return {**decision, "promoted": False, "reason": reason}
+    if theirs.version == mine.version:
+        return {**decision, "promoted": False, "reason": f"version {mine.version} is already the champion"}
+    if not theirs.calibrated or metric not in theirs.scores:
+        raise CovsegError(f"{name}: champion v{theirs.version} has no out-of-fold {metric} (not calibrated, or "
+                          f"registered before the gate compared out-of-fold scores), so v{mine.version} cannot be "
+                          f"compared with it; nothing changed. Calibrate and register its recipe again, or set a "
+                          f"champion by hand: `covseg promote --force --version N`")
+    data = {f"v{mine.version}": mine.data_version, f"v{theirs.version}": theirs.data_version}
+    known = all(data.values())
+    changed = not known or mine.data_version != theirs.data_version
+    if changed and not allow_data_change:
+        listed = ", ".join(f"{k} {v or 'unknown'}" for k, v in data.items())
+        raise CovsegError(f"{name}: the data versions {'differ' if known else 'are not known to match'} ({listed}): "
+                          f"out-of-fold scores measured on other data are not comparable; nothing changed. Pass "
+                          f"--allow-data-change to compare anyway")
+    c = theirs.scores[metric]
+    promoted = s >= c + margin
+    return {**decision, "champion_score": c, "champion_oof_slices": theirs.slices, "champion_oof_folds": theirs.folds,
+            "champion_recipe_key": theirs.recipe_key, "data_versions": data, "data_changed": changed,
+            "allow_data_change": allow_data_change, "promoted": promoted,
+            "reason": f"out-of-fold {metric} {s:.4f} vs champion v{theirs.version} {c:.4f}: "
+                      f"{'beats' if promoted else 'does not beat'} it by {margin}"}
 
 
 def _record(name: str, version: int, decision: dict) -> None:
@@ -298,74 +353,42 @@ def _record(name: str, version: int, decision: dict) -> None:
     client.update_model_version(name, version, description=decision["reason"])
 
 
-def _decide(reg: Registry, challenger: int, champion: int | None, s: float, champion_score: float | None,
-            floor: float | None) -> tuple[bool, str]:
-    metric, margin = reg.promotion_metric, reg.promotion_margin
-    if champion is None:
-        if s < reg.min_score:
-            return False, f"no champion yet, and {metric} {s:.4f} is below registry.min_score {reg.min_score}"
-        if floor is not None and s <= floor:
-            return False, f"no champion yet, and {metric} {s:.4f} does not beat the constant predictor ({floor:.4f})"
-        return True, f"no champion yet; {metric} {s:.4f} passes the floor"
-    if champion == challenger:
-        return False, f"version {challenger} is already the champion"
-    promoted = s >= champion_score + margin
-    return promoted, (f"{metric} {s:.4f} vs champion v{champion} {champion_score:.4f}: "
-                      f"{'beats' if promoted else 'does not beat'} it by {margin}")
-
-
-def promote(reg: Registry, scorer: Scorer, version: int | None = None, allow_data_change: bool = False,
-            eval_data_version: str = "") -> dict:
-    """The gate, compare-and-set: score `version` (default: the newest) and the champion on the
-    validation slices neither was trained on (`eval_plan`); under the promotion lock, read the champion
-    again and, if it moved meanwhile, score again against the new one; else the scored version becomes
-    the challenger, and the champion if it beats the champion by the margin (with no champion: reaches
-    `min_score` and beats the constant predictor). The decision is recorded on the version and returned."""
+def promote(reg: Registry, version: int | None = None, allow_data_change: bool = False) -> dict:
+    """The gate, compare-and-set: compare the out-of-fold scores tagged on `version` (default: the newest)
+    with the champion's (`_decide`); under the promotion lock, read the champion again and, if it moved
+    meanwhile, decide again against the new one; else the version becomes the challenger, and the champion
+    if it beats the champion by the margin (with no champion: reaches `min_score` and beats the constant
+    predictor). The decision is recorded on the version and returned. No model is loaded."""
     name = reg.model_name
     client = MlflowClient()
     challenger = latest_version(name) if version is None else check_version(name, version)
-    challenger_prov = provenance(name, challenger)
     lock = lock_for(reg)
-    cache: dict[tuple, float] = {}
-
-    def score(v: int, ids: list[int]) -> float:
-        if (v, tuple(ids)) not in cache:
-            cache[(v, tuple(ids))] = float(scorer.score(f"models:/{name}/{v}", ids))
-        return cache[(v, tuple(ids))]
-
     champion = aliases(name).get(CHAMPION)
     seen = []
     for round_ in range(1, MAX_ROUNDS + 1):
         seen.append(champion)
-        champion_prov = provenance(name, champion) if champion not in (None, challenger) else None
-        plan = eval_plan(name, scorer.slice_ids, challenger_prov, champion_prov, eval_data_version,
-                         reg.min_eval_slices, allow_data_change)
-        ids = plan["eval_slice_ids"]
-        decision = {"challenger": challenger, "champion_before": champion, "metric": reg.promotion_metric,
-                    "margin": reg.promotion_margin, **plan, "challenger_score": score(challenger, ids)}
-        if champion_prov is not None:
-            decision["champion_score"] = score(champion, ids)
-        promoted, reason = _decide(reg, challenger, champion, decision["challenger_score"],
-                                   decision.get("champion_score"), scorer.floor(ids) if champion is None else None)
+        decision = _decide(reg, out_of_fold(name, challenger),
+                           None if champion is None else out_of_fold(name, champion), allow_data_change)
         with lock:
             now = aliases(name).get(CHAMPION)
-            if now != champion:  # it moved while we scored: compare with the new one
+            if now != champion:  # it moved while we decided: compare with the new one
                 champion = now
                 continue
             try:
                 lock.confirm()
             except LockLost:  # overwritten by a slow writer, or expired: take it again
                 continue
-            client.set_registered_model_alias(name, CHALLENGER, challenger)  # only once it has a score
+            client.set_registered_model_alias(name, CHALLENGER, challenger)  # only once it is judged
+            promoted = decision["promoted"]
             if promoted:
                 client.set_registered_model_alias(name, CHAMPION, challenger)
-            decision.update(promoted=promoted, champion_after=challenger if promoted else champion,
-                            champions_seen=seen, rounds=round_, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                            reason=f"{'promoted' if promoted else 'not promoted'}: {reason}")
+            decision.update(champion_after=challenger if promoted else champion, champions_seen=seen,
+                            rounds=round_, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            reason=f"{'promoted' if promoted else 'not promoted'}: {decision['reason']}")
             _record(name, challenger, decision)
         return decision
     moves = " -> ".join(f"v{v}" for v in seen)
-    raise CovsegError(f"{name}: the champion moved {MAX_ROUNDS} times while v{challenger} was being scored "
+    raise CovsegError(f"{name}: the champion moved {MAX_ROUNDS} times while v{challenger} was being compared "
                       f"({moves}), or the promotion lock was lost; nothing changed: run covseg promote again")
 
 
@@ -384,39 +407,17 @@ def set_champion(reg: Registry, version: int) -> dict:
     return decision
 
 
-def run_promotion(processed: str | Path, reg: Registry, ev: Evaluate, tracking: Tracking, device: str,
-                  version: int | None = None, force: bool = False, allow_data_change: bool = False) -> dict:
-    """`covseg promote`: the gate on the validation slices of `processed` that neither version was
-    trained on, or (`force` with `version`) a promotion or roll-back by hand. Returns the decision."""
+def run_promotion(reg: Registry, tracking: Tracking, version: int | None = None, force: bool = False,
+                  allow_data_change: bool = False) -> dict:
+    """`covseg promote`: the gate on the versions' out-of-fold scores, or (`force` with `version`) a
+    promotion or roll-back by hand. Returns the decision."""
     from covseg import tracking as tracking_store
-    from covseg.data import data_version
-    from covseg.evaluation import score_model, summary_metrics, trivial_score
-    from covseg.model import load_model, pick_device
-    from covseg.preprocessing import load_processed, load_split
 
     tracking_store.configure(tracking.experiment)
-    if version is not None:  # before anything is loaded: a wrong --version is one line
+    if version is not None:  # a wrong --version is one line
         check_version(reg.model_name, version)
     if force:
         if version is None:
             raise CovsegError("promote --force needs --version N: the version to make champion")
         return set_champion(reg, version)
-    images, labels = load_processed(processed, "val")
-    val_ids = [int(i) for i in load_split(processed)["val_slice_ids"]]
-    if len(val_ids) != len(labels) or len(set(val_ids)) != len(val_ids):
-        raise CovsegError(f"{Path(processed) / 'split.json'}: val_slice_ids lists {len(val_ids)} ids "
-                          f"({len(set(val_ids))} distinct) for {len(labels)} validation slices")
-    row = {sid: i for i, sid in enumerate(val_ids)}
-    dev = pick_device(device)
-
-    def score(uri: str, ids: list[int]) -> float:
-        rows = [row[i] for i in ids]
-        model, _ = load_model(uri, dev)
-        cm = score_model(model, images[rows], labels[rows], ev.batch_size, dev)[1]
-        return summary_metrics(cm)[reg.promotion_metric]
-
-    def floor(ids: list[int]) -> float:
-        return trivial_score(labels[[row[i] for i in ids]], reg.promotion_metric)
-
-    return promote(reg, Scorer(val_ids, score, floor), version, allow_data_change,
-                   eval_data_version=data_version(Path(PATHS.dvc_file)))
+    return promote(reg, version, allow_data_change)

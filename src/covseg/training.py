@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from covseg.atomic import atomic_output
-from covseg.errors import CovsegError
+from covseg.errors import CovsegError, ParamsError
 from covseg.evaluation import confusion_matrix, dice_metrics, summary_metrics
 from covseg.model import (
     Ensemble,
@@ -46,11 +46,11 @@ from covseg.model import (
     load_checkpoint,
     members,
     pick_device,
+    predict_labels,
     predict_logits,
     require_safe_torch_load,
     resize,
     save_checkpoint,
-    segmenter,
 )
 from covseg.names import KAGGLE_F1, NUM_CLASSES, SHORT
 from covseg.params import ModelParams, Train
@@ -181,7 +181,8 @@ def recipe_key(t: Train, m: ModelParams, seed: int, *arrays: np.ndarray) -> str:
 # What TrainingState.save writes: key -> the types its value may have.
 STATE_FIELDS = {"recipe": (str,), "epoch": (int,), "finished": (bool,), "net": (dict,), "optimizer": (dict,),
                 "scheduler": (dict,), "torch_rng": (torch.Tensor,), "loader_rng": (torch.Tensor,),
-                "numpy_rngs": (list,), "history": (str,), "best": (float, int), "best_net": (dict, type(None))}
+                "numpy_rngs": (list,), "history": (str,), "best": (float, int, type(None)),
+                "best_net": (dict, type(None))}
 
 
 def _state_problem(state) -> str | None:
@@ -306,6 +307,9 @@ def train(t: Train, m: ModelParams, seed: int, train_images: np.ndarray, train_l
     With `state`, the run is saved after every epoch and an unfinished run of the same params and
     data resumes from it (its earlier epochs are passed to `on_epoch` again), to the same result;
     an ensemble's members that had finished are not trained again (unless `t.init` warm-starts them)."""
+    if t.select == "best" and not len(val_images):
+        raise ParamsError("train.select: best keeps the epoch of the best validation score, but no slice is held "
+                          "out (split.fold: all): use train.select: last, or hold out a fold")
     data = Slices(train_images, train_labels, val_images, val_labels)
     with progress_bar(t.members * t.epochs, on_epoch) as on_epoch:
         if t.members == 1:
@@ -344,11 +348,12 @@ def _train_ensemble(t: Train, m: ModelParams, data: Slices, seed: int, checkpoin
                 f"{Path(state).stem}.member{k}{Path(state).suffix}")
             _train_member(t, m, data, seed + k, Path(tmp) / f"member{k}.pt", log, member_state, member=k)
             nets.append(load_checkpoint(Path(tmp) / f"member{k}.pt", device)[0].unet)
-    model = segmenter(Ensemble(nets), t.scale, m)
-    logits = predict_logits(model, data.val_images, t.batch_size, device)
-    preds = model.postprocess(torch.from_numpy(logits)).numpy()
-    save_checkpoint(model, checkpoint, epoch=t.epochs,
-                    val_kaggle_f1=summary_metrics(confusion_matrix(data.val_labels, preds))[KAGGLE_F1])
+    model = Segmenter(Ensemble(nets), t.scale)
+    score = None
+    if len(data.val_images):
+        preds = predict_labels(model, data.val_images, t.batch_size, device)
+        score = summary_metrics(confusion_matrix(data.val_labels, preds))[KAGGLE_F1]
+    save_checkpoint(model, checkpoint, epoch=t.epochs, val_kaggle_f1=score)
     return pd.DataFrame(history)
 
 
@@ -371,7 +376,7 @@ def _train_member(t: Train, m: ModelParams, data: Slices, seed: int, checkpoint:
     net = build_model(m).to(device)
     if t.init:
         warm_start(net, t.init, device, member or 0)
-    model = segmenter(net, t.scale, m)  # evaluated and saved at full size
+    model = Segmenter(net, t.scale)  # evaluated and saved at full size, without inference-time choices
     optimizer, scheduler = make_optimizer(t, net)
     loss_fn = make_loss(t, device)
 
@@ -401,14 +406,15 @@ def _train_member(t: Train, m: ModelParams, data: Slices, seed: int, checkpoint:
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"]}
         scheduler.step()
 
-        if epoch % t.val_every == 0 or epoch == t.epochs:
+        score = None
+        if len(data.val_images) and (epoch % t.val_every == 0 or epoch == t.epochs):
             row.update(_validate(model, loss_fn, data.val_images, data.val_labels, t.batch_size, device))
             score = row[f"val_{KAGGLE_F1}"]
-            if (score > best) if t.select == "best" else (epoch == t.epochs):
-                best = score
-                save_checkpoint(model, checkpoint, epoch=epoch, val_kaggle_f1=best)
-                if t.select == "best":
-                    best_net = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if (score is not None and score > best) if t.select == "best" else (epoch == t.epochs):
+            best = score
+            save_checkpoint(model, checkpoint, epoch=epoch, val_kaggle_f1=best)
+            if t.select == "best":
+                best_net = {k: v.detach().clone() for k, v in net.state_dict().items()}
         row["seconds"] = time.perf_counter() - start
         history.append(row)
         saved.save(epoch, epoch == t.epochs, history, best, best_net)
@@ -434,23 +440,22 @@ def _resume(saved: TrainingState, t: Train, m: ModelParams, checkpoint: str | Pa
                                       resumed["epoch"] + 1)
     if best_net is not None or first > t.epochs:
         scored = [r for r in history if "val_loss" in r]
-        kept = max(scored, key=lambda r: r[f"val_{KAGGLE_F1}"]) if best_net is not None else scored[-1]
+        kept = max(scored, key=lambda r: r[f"val_{KAGGLE_F1}"]) if best_net is not None else history[-1]
         keep_net = build_model(m)
         keep_net.load_state_dict(best_net if best_net is not None else resumed["net"])
-        save_checkpoint(segmenter(keep_net, t.scale, m), checkpoint, epoch=kept["epoch"], val_kaggle_f1=best)
+        save_checkpoint(Segmenter(keep_net, t.scale), checkpoint, epoch=kept["epoch"], val_kaggle_f1=best)
     tqdm.write(f"resuming from epoch {resumed['epoch']} of {t.epochs} ({saved.path})")
     return history, best, best_net, first
 
 
 def _validate(model: Segmenter, loss_fn: Callable, images: np.ndarray, labels: np.ndarray, batch_size: int,
               device: torch.device) -> dict:
-    """A history row's validation columns: the loss (of the network as trained: without model.class_bias),
+    """A history row's validation columns (of the network as trained: no inference-time choices): the loss,
     F1 and per-slice Dice of each class, kaggle_f1."""
     logits = torch.from_numpy(predict_logits(model, images, batch_size, device))
     preds = model.postprocess(logits).numpy()
     metrics = summary_metrics(confusion_matrix(labels, preds))
-    unbiased = logits - torch.tensor(model.class_bias)[:, None, None]
-    return {"val_loss": float(loss_fn(unbiased.to(device), torch.from_numpy(labels).long().to(device))),
+    return {"val_loss": float(loss_fn(logits.to(device), torch.from_numpy(labels).long().to(device))),
             **{f"val_f1_{c}": metrics[f"f1_{c}"] for c in SHORT},
             **{f"val_{k}": v for k, v in dice_metrics(labels, preds).items()},
             f"val_{KAGGLE_F1}": metrics[KAGGLE_F1]}

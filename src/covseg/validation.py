@@ -453,8 +453,9 @@ def validate_processed(directory: str | Path, folds: int, n_labelled: int, n_wit
     n_val = int((table["part"] == "val").sum())
     table["n_val"] = n_val
     table["n_train"] = int((table["part"] == "train").sum())
-    # each block of `folds` slices (sorted by burden) gives one to every fold
-    lo, hi = n_labelled // folds, -(-n_labelled // folds)
+    # each block of `folds` slices (sorted by burden) gives one to every fold; none held out with fold `all`
+    lo, hi = (0, 0) if split["fold"] == "all" else (n_labelled // folds, -(-n_labelled // folds))
+    held_out = f"1/{folds}" if hi else "none"
     need = 1 if n_with_consolidation >= folds else 0
     table["val_with_consolidation"] = split["val_with_consolidation"]
     table["train_with_consolidation"] = split["train_with_consolidation"]
@@ -467,10 +468,10 @@ def validate_processed(directory: str | Path, folds: int, n_labelled: int, n_wit
         gxe.ExpectColumnValuesToBeBetween(column="label_max", max_value=NUM_CLASSES - 1,
                                           meta={"check": f"class indices in 0..{NUM_CLASSES - 1}"}),
         gxe.ExpectColumnValuesToBeBetween(column="n_val", min_value=lo, max_value=hi,
-                                          meta={"check": f"validation is 1/{folds} of {n_labelled} slices"}),
+                                          meta={"check": f"validation is {held_out} of {n_labelled} slices"}),
         gxe.ExpectColumnValuesToBeBetween(column="n_train", min_value=n_labelled - hi, max_value=n_labelled - lo,
                                           meta={"check": "training holds the other slices"}),
-        gxe.ExpectColumnValuesToBeBetween(column="val_with_consolidation", min_value=need,
+        gxe.ExpectColumnValuesToBeBetween(column="val_with_consolidation", min_value=need if hi else 0,
                                           meta={"check": "validation sees consolidation"}),
         gxe.ExpectColumnValuesToBeBetween(column="train_with_consolidation", min_value=need,
                                           meta={"check": "training sees consolidation"}),

@@ -8,7 +8,7 @@ from covseg.atomic import atomic_output
 from covseg.data import fingerprint, load_raw, one_hot_to_index
 from covseg.errors import DataError
 from covseg.params import Split, Window
-from covseg.preprocessing import lesion_burden, preprocess, read_folds
+from covseg.preprocessing import data_key, lesion_burden, preprocess, read_folds
 from covseg.validation import validate_processed
 
 
@@ -33,6 +33,7 @@ def run(raw: str | Path, out: str | Path, win: Window, split: Split, folds: str 
     data = load_raw(raw)
     n_consolidation = int((lesion_burden(one_hot_to_index(data.masks))[:, 1] > 0).sum())
     with atomic_output(out, directory=True) as staging:
-        summary = preprocess(data, staging, win, split, read_folds(folds, data))
+        fold_of = read_folds(folds, data)
+        summary = preprocess(data, staging, win, split, fold_of, data_key(fingerprint(raw), fold_of, win))
         contract = validate_processed(staging, split.folds, len(data.images), n_consolidation)
     return {"split": summary, "contract": contract}

@@ -11,8 +11,9 @@ import numpy as np
 
 from covseg import tracking
 from covseg.atomic import atomic_output
+from covseg.calibration import load_calibrated
 from covseg.data import index_to_one_hot
-from covseg.model import load_model, pick_device, predict_labels
+from covseg.model import pick_device, predict_labels
 from covseg.names import SCORED, SUBMISSION_CSV, TEST_MASKS
 from covseg.params import Tracking
 from covseg.preprocessing import load_processed
@@ -20,15 +21,17 @@ from covseg.submission import submission_table, write_submission
 from covseg.validation import validate_submission
 
 
-def run(data: str | Path, model: str | Path, out: str | Path, batch_size: int, trk: Tracking,
-        device: str = "auto") -> dict:
+def run(data: str | Path, model: str | Path, calibration_file: str | Path, out: str | Path, batch_size: int,
+        trk: Tracking, device: str = "auto") -> dict:
     """Write `out`/submission.csv (its contract checked first) and `out`/test_masks.npy (M, H, W, 4).
 
-    `model` is a checkpoint or an MLflow model URI (models:/covseg-unet@champion). A checkpoint from a
-    tracked run gets the CSV, gzipped, in its MLflow run. Returns {"csv", "masks", "rows", "report"}.
+    `model` is a checkpoint, predicting with the choices `calibration_file` holds for its recipe (neutral ones
+    and a warning without), or an MLflow model URI (models:/covseg-unet@champion), calibrated when it was
+    registered. A checkpoint from a tracked run gets the CSV, gzipped, in its MLflow run.
+    Returns {"csv", "masks", "rows", "report"}.
     """
     dev = pick_device(device)
-    net, ckpt = load_model(model, dev)
+    net, ckpt = load_calibrated(model, calibration_file, dev)
     images, _ = load_processed(data, "test")
     preds = predict_labels(net, images, batch_size, dev)
     out = Path(out)
