@@ -145,11 +145,13 @@ def test_deployments_run_on_the_pools_workers(new_project, prefect_env, tmp_path
                 ("0.002", "0"), ("0.002", "1"), ("0.004", "0"), ("0.004", "1")]
             entries = json.loads((project / PATHS.calibration).read_text())
             assert len(entries) == 3, "an entry per recipe key, the committed one kept"
-            best = max({r.data.tags["recipe_key"] for r in swept}, key=lambda k: entries[k]["oof"]["kaggle_f1_mean"])
+            keys = {r.data.tags["recipe_key"] for r in swept}
+            top = max(entries[k]["oof"]["kaggle_f1_mean"] for k in keys)
+            best = {k for k in keys if entries[k]["oof"]["kaggle_f1_mean"] == top}  # tiny models may tie
             versions = client.search_model_versions("name='covseg-unet'")
             assert len(versions) == 2
             trained = client.get_model_version("covseg-unet", "2")
-            assert trained.tags["recipe_key"] == best and trained.tags["calibrated"] == "true", "the best, calibrated"
+            assert trained.tags["recipe_key"] in best and trained.tags["calibrated"] == "true", "the best, calibrated"
             assert "promotion" in trained.tags, "judged by the gate"
             assert client.get_registered_model("covseg-unet").aliases["challenger"] == "2"
 
