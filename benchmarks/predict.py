@@ -91,7 +91,8 @@ def main() -> None:
     import nibabel as nib
     import torch
 
-    from covseg.model import load_model, pick_device
+    from covseg.model import pick_device
+    from covseg.modelstore import load
     from covseg.predict import predict_scans
 
     params = load_params(ROOT / PATHS.params)
@@ -103,7 +104,7 @@ def main() -> None:
     device = pick_device(pp.device)
     rss_start = peak_rss_mb()
     start = time.perf_counter()
-    model, _ = load_model(args.model, device)
+    model, _ = load(args.model, device)
     load_s = time.perf_counter() - start
     hu, source = slices(args.slices)
     result = {"machine": machine(),

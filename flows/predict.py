@@ -32,7 +32,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from covseg.errors import CovsegError, DataError
-from covseg.model import is_model_uri
+from covseg.modelstore import is_model_uri
 from covseg.names import CHAMPION, PATHS, PREDICT_REPORT_JSON, PREDICT_REPORT_SLICES
 from covseg.params import load_params
 from covseg.predict import predict_scans, write_report

@@ -24,7 +24,8 @@ import torch
 from covseg.atomic import write_json
 from covseg.errors import CovsegError
 from covseg.evaluation import confusion_matrix, dice_metrics, summary_metrics, trivial_score
-from covseg.model import Segmenter, is_model_uri, load_model, remove_islands
+from covseg.model import Segmenter, remove_islands
+from covseg.modelstore import is_model_uri, load
 from covseg.names import CV_METRICS, DICE, KAGGLE_F1, NUM_CLASSES, SCORED, SHORT
 from covseg.params import Calibrate
 
@@ -93,10 +94,10 @@ def choices_for(path: str | Path, key: str | None, what: str) -> tuple[dict, dic
 
 
 def load_calibrated(spec: str | Path, calibration_file: str | Path, device="cpu") -> tuple[Segmenter, dict]:
-    """`model.load_model`, calibrated: a checkpoint with the choices `calibration_file` holds for its recipe
+    """`modelstore.load`, calibrated: a checkpoint with the choices `calibration_file` holds for its recipe
     key (neutral ones, with a warning, when it holds none); a registry model as it was registered (its
     choices were made when it was evaluated)."""
-    net, ckpt = load_model(spec, device)
+    net, ckpt = load(spec, device)
     if is_model_uri(spec):
         return net, ckpt
     choices, _ = choices_for(calibration_file, ckpt.get("recipe_key"), f"the model {spec}")

@@ -215,21 +215,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model.to(device).eval(), ckpt
 
 
-def is_model_uri(spec: str | Path) -> bool:
-    """An MLflow model URI (models:/covseg-unet@champion, runs:/...), not a checkpoint path."""
-    return ":/" in str(spec)
-
-
-def load_model(spec: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """A checkpoint path, or an MLflow model URI (models:/covseg-unet@champion, runs:/...):
-    the model on `device` in eval mode and the checkpoint's facts ({} for a URI)."""
-    if is_model_uri(spec):
-        from covseg import tracking
-
-        return tracking.load_model(str(spec), device), {}
-    return load_checkpoint(spec, device)
-
-
 def resize(x: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
     """Scale a (N, C, H, W) batch; identity for scale 1."""
     if scale == 1:

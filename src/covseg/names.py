@@ -65,9 +65,8 @@ TAG_TRAIN_SLICES, TAG_TRAIN_SLICES_SHA256, TAG_TRAIN_SLICES_COUNT = (
 TRAINING_SLICES_FILE = "training_slices.json"
 TAG_PROMOTION_LOCK = "promotion_lock"  # a registered-model tag: the lease of the promotion in progress
 
-# The registry model (an MLflow pyfunc logged as code): the code file MLflow runs to load it, the name and
-# file of its one artifact, a weights-only checkpoint (covseg.model.save_checkpoint).
-MODEL_CODE_FILE, MODEL_CHECKPOINT, MODEL_CHECKPOINT_FILE = "mlflow_model.py", "checkpoint", "checkpoint.pt"
+# The registry model's one data file, a weights-only checkpoint (covseg.model.save_checkpoint; covseg.modelstore).
+MODEL_CHECKPOINT_FILE = "checkpoint.pt"
 
 # Environment variables covseg reads.
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"

@@ -1,9 +1,9 @@
-"""The registry model as MLflow serves it (pyfunc): weights-only checkpoint in, network rebuilt from code.
+"""The registry model as it is served: a weights-only checkpoint in, the network rebuilt by the installed covseg.
 
-`covseg/mlflow_model.py` is the file MLflow logs as the model's code (models-from-code): it only
-hands MLflow a `SegmenterModel`, whose code is the installed covseg's. The model's one artifact is a
-checkpoint written by `covseg.model.save_checkpoint` and read back with `load_checkpoint` (weights
-only): nothing is pickled when the model is logged, nothing is unpickled when it is loaded or served.
+A covseg model is an MLflow pyfunc whose `loader_module` is this module (covseg.modelstore logs it): MLflow
+imports it from the environment, never from the artifact, and `_load_pyfunc` reads the checkpoint written by
+`covseg.model.save_checkpoint` weights only. `covseg serve` (`app`, `serve`) runs MLflow's scoring server on a
+model that covseg.modelstore loaded after checking its form, so a registry entry decides no code that runs.
 
 Contract: input float32 (N, 1, H, W), slices windowed to [0, 1]; output float32 logits (N, 4, H, W)
 in the class order of `covseg.names.CLASSES` (argmax over axis 1 = the class index). A request holds
@@ -23,11 +23,12 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
-from mlflow.pyfunc import PythonModel
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from covseg.names import MODEL_CHECKPOINT, NUM_CLASSES
+from covseg.model import load_checkpoint, pick_device, predict_logits
+from covseg.names import NUM_CLASSES
 
+LOADER_MODULE = __name__  # what a covseg model's MLmodel names: MLflow imports it from the installed covseg
 DEFAULT_BATCH_SIZE = 4
 # One request's caps (docs/registry.md, "Serving from the registry"). The CT slices covseg is made for are
 # 512x512 (a few scanners write 768 or 1024). The pixel budget bounds the largest request (8 slices of
@@ -112,19 +113,13 @@ def network_size(model, h: int, w: int) -> tuple[int, int]:
     return h, w
 
 
-class SegmenterModel(PythonModel):
-    """The pyfunc model: `load_context` rebuilds the Segmenter from the checkpoint artifact
-    (model_config `device`: auto by default), `predict` returns its logits."""
+class ServedModel:
+    """What MLflow's scoring server calls: `predict` returns the logits of `model` (a Segmenter) on `device`."""
 
-    def load_context(self, context) -> None:
-        from covseg.model import load_checkpoint, pick_device
+    def __init__(self, model, device):
+        self.model, self.device = model, device
 
-        self.device = pick_device((context.model_config or {}).get("device", "auto"))
-        self.model, _ = load_checkpoint(context.artifacts[MODEL_CHECKPOINT], self.device)
-
-    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
-        from covseg import model as covseg_model
-
+    def predict(self, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         batch_size = (params or {}).get("batch_size", DEFAULT_BATCH_SIZE)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
                 or not 1 <= batch_size <= MAX_SLICES:
@@ -136,9 +131,33 @@ class SegmenterModel(PythonModel):
         if size != (h, w):  # too small for the network: edge values around it (as the U-Net pads), cropped back
             x = np.pad(x, ((0, 0), (0, size[0] - h), (0, size[1] - w)), mode="edge")
         try:
-            logits = covseg_model.predict_logits(self.model, x, int(batch_size), self.device)
+            logits = predict_logits(self.model, x, int(batch_size), self.device)
         except Exception:
             _log.exception("covseg model failed on %d slice(s) of %dx%d (batch_size %d)", n, h, w, batch_size)
             raise MlflowException(f"covseg model could not segment {n} slice(s) of {h}x{w}: an error inside the "
                                   "model, logged by the server", error_code=INTERNAL_ERROR) from None
         return np.ascontiguousarray(logits[..., :h, :w])
+
+
+def _load_pyfunc(data_path: str, model_config: dict | None = None) -> ServedModel:
+    """MLflow's loader_module entry (`mlflow.pyfunc.load_model` of a covseg version): the checkpoint at
+    `data_path`, weights only, on model_config `device` (auto by default)."""
+    device = pick_device((model_config or {}).get("device", "auto"))
+    return ServedModel(load_checkpoint(data_path, device)[0], device)
+
+
+def app(model, device):
+    """MLflow's scoring server (FastAPI: /invocations, /ping, /health, /version) for `model` on `device`, with
+    covseg's signature; nothing of a registry entry is read here."""
+    from mlflow.models import Model
+    from mlflow.pyfunc import PyFuncModel
+    from mlflow.pyfunc.scoring_server import init
+
+    return init(PyFuncModel(model_meta=Model(signature=signature()), model_impl=ServedModel(model, device)))
+
+
+def serve(model, device, host: str, port: int) -> None:
+    """Answer REST requests for `model` on host:port until stopped (one process, requests in threads)."""
+    import uvicorn
+
+    uvicorn.run(app(model, device), host=host, port=port, log_level="info")

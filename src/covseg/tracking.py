@@ -11,12 +11,10 @@ import uuid
 from pathlib import Path
 
 import mlflow
-import numpy as np
 from mlflow import MlflowClient
 
 from covseg import shell
 from covseg.data import data_version
-from covseg.errors import CovsegError
 from covseg.names import (
     ENV_CUDA_DEVICES,
     ENV_DVC_EXP_NAME,
@@ -24,9 +22,6 @@ from covseg.names import (
     ENV_FLOW_RUN,
     ENV_TRACKING_URI,
     HEADLINE_METRICS,
-    MODEL_CHECKPOINT,
-    MODEL_CHECKPOINT_FILE,
-    MODEL_CODE_FILE,
     PATHS,
     TAG_CUDA_DEVICES,
     TAG_DATA_VERSION,
@@ -98,70 +93,10 @@ def log_epoch(row: dict) -> None:
     mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
 
-def log_model(model, example_shape: tuple[int, int]) -> str:
-    """Log the full-size model (a Segmenter) as an MLflow pyfunc model; returns its URI.
-
-    Weights only: the model's artifact is a checkpoint written by `save_checkpoint`, and its code is
-    `covseg/mlflow_model.py` (models-from-code), which rebuilds the network with the installed covseg.
-    Nothing is pickled; the signature takes any (N, 1, H, W) and the input example is (1, 1, H, W).
-    """
-    import tempfile
-
-    import torch
-
-    from covseg.model import save_checkpoint
-    from covseg.serving import signature
-
-    example = np.zeros((1, 1, *example_shape), dtype=np.float32)
-    with tempfile.TemporaryDirectory(prefix="covseg-model-") as tmp:
-        checkpoint = Path(tmp) / MODEL_CHECKPOINT_FILE
-        save_checkpoint(model, checkpoint)
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(Path(__file__).with_name(MODEL_CODE_FILE)),
-            artifacts={MODEL_CHECKPOINT: str(checkpoint)}, signature=signature(), input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
-                              f"mlflow=={mlflow.__version__}", "covseg"])
-    return info.model_uri
-
-
 def resume(run_id: str, experiment: str):
     """Re-open a finished run to add what a later stage made."""
     configure(experiment)
     return mlflow.start_run(run_id=run_id)
-
-
-def load_model(uri: str, device="cpu"):
-    """The Segmenter of a logged or registered model (`models:/covseg-unet@champion`, `runs:/...`),
-    on `device` in eval mode: its checkpoint artifact, loaded weights only. A model in any other
-    format (an old pickled `mlflow.pytorch` version, say) is refused, never unpickled."""
-    import tempfile
-
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
-
-    from covseg.model import load_checkpoint
-
-    mlflow.set_tracking_uri(tracking_uri())
-    with tempfile.TemporaryDirectory(prefix="covseg-model-") as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-            flavors = Model.load(local / "MLmodel").flavors
-            flavor = flavors.get("python_function", {})
-        except (MlflowException, OSError) as e:
-            raise CovsegError(f"model {uri}: cannot be read from {tracking_uri()}: {e}") from e
-        artifact = flavor.get("artifacts", {}).get(MODEL_CHECKPOINT, {}).get("path", "")
-        checkpoint = (local / artifact).resolve()
-        if (Path(flavor.get("model_code_path", "")).name != MODEL_CODE_FILE or not artifact
-                or not checkpoint.is_relative_to(local.resolve()) or not checkpoint.is_file()):
-            raise CovsegError(
-                f"model {uri} is not a covseg weights-only model (flavors: {sorted(flavors)}); "
-                f"covseg never unpickles a model: register one logged by this version of covseg (dvc repro)")
-        try:
-            model, _ = load_checkpoint(checkpoint, device)
-        except Exception as e:  # not a weights-only checkpoint, or weights that do not fit the network
-            raise CovsegError(f"model {uri}: its checkpoint {artifact} does not load, weights only, "
-                              f"into covseg's network: {e}") from e
-    return model
 
 
 def find_flow_run_result(uri: str, experiment: str, flow_run_id: str) -> dict:

@@ -124,9 +124,9 @@ def make_optimizer(t: Train, net: torch.nn.Module):
 def warm_start(net: torch.nn.Module, spec: str, device: torch.device, member: int = 0) -> None:
     """Start from the weights of a checkpoint or a registry model (`models:/covseg-unet@champion`); an
     ensemble's member k starts from the source's member k (of an ensemble of fewer: k modulo their number)."""
-    from covseg.model import load_model
+    from covseg.modelstore import load
 
-    source, _ = load_model(spec, device)
+    source, _ = load(spec, device)
     nets = members(source.unet)
     try:
         net.load_state_dict(nets[member % len(nets)].state_dict())
