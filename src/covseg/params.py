@@ -185,9 +185,8 @@ class Registry(Section):
     promotion_margin: float = Field(ge=0, le=1)
     min_score: float = Field(ge=0, le=1)
     min_eval_slices: int = Field(ge=1)
-    lock_lease_s: float = Field(gt=0)
+    lock_lease_s: float = Field(ge=60)  # Prefect's shortest lease of a concurrency slot
     lock_wait_s: float = Field(ge=0)
-    lock_settle_s: float = Field(gt=0)
 
 
 Percent = Annotated[float, Field(gt=0, le=100)]
