@@ -192,6 +192,15 @@ def run_pipeline(work: Path, overrides: list[str], name: str, uri: str) -> dict:
 
 
 @task
+def register_model(work: Path, uri: str) -> dict:
+    """`covseg register` after the pipeline, as a user types it: the version it registered (model_version,
+    mlflow_run_id, new, calibrated)."""
+    out = work.parent / "registration.json"
+    shell.run(["covseg", "register", "--output", str(out)], work, _env(uri))
+    return json.loads(out.read_text())
+
+
+@task
 def run_cv(work: Path, overrides: list[str], fold: int, uri: str) -> Path:
     """`covseg cv` of one fold in the working copy; returns the fold's record file (fold<k>.json)."""
     out = work / PATHS.cv / "fold"
@@ -311,6 +320,7 @@ def train(overrides: list[str] | None = None, repo: str | None = None, promote: 
             run_calibrate(work, work.parent / "cv", overrides, folds[0]["recipe"])
         result = run_pipeline(work, overrides, name, uri)
         t_end = result.pop("pipeline_end")
+        result.update(register_model(work, uri))
         if promote and result.get("calibrated"):
             result["promotion"] = promotion_gate(work, result["model_version"], uri, allow_data_change)
         elif promote:  # the gate refuses a version without out-of-fold scores: say how to get them

@@ -137,12 +137,17 @@ def fake_pipeline(monkeypatch, tmp_path, repo):
     def run_pipeline(work, overrides, name, uri):
         calls.append(("dvc exp run", overrides))
         return {"kaggle_f1": 0.5, "kaggle_f1_std": 0.1, "oof_folds": 5, "oof_slices": 40, "calibrated": True,
-                "model_version": 7, "pipeline_start": 0.0, "pipeline_end": 0.0}
+                "pipeline_start": 0.0, "pipeline_end": 0.0}
+
+    def register_model(work, uri):
+        calls.append(("register",))
+        return {"model_version": 7, "mlflow_run_id": "0" * 32, "new": True}
 
     monkeypatch.setattr(shell, "run", fakes.shell_run(shell.run))
     monkeypatch.setattr(pipeline, "working_copy", fakes.working_copy)
     monkeypatch.setattr(pipeline, "pull_data", lambda work: calls.append(("pull",)) or "md5-data")
     monkeypatch.setattr(pipeline, "run_pipeline", run_pipeline)
+    monkeypatch.setattr(pipeline, "register_model", register_model)
     monkeypatch.setattr(pipeline, "promotion_gate",
                         lambda work, version, uri, allow_data_change=False:
                         calls.append(("promote", version) + (("allow_data_change",) if allow_data_change else ()))
@@ -204,14 +209,14 @@ def test_train_refuses_another_repository(fake_pipeline, tmp_path):
 def test_train_runs_pipeline_promotes_and_pushes(fake_pipeline):
     result = pipeline.train(overrides=["train.epochs=2"])
     calls = fake_pipeline.calls
-    assert [c[0] for c in calls] == ["clone", "pull", "dvc exp run", "promote", "push"]
-    assert calls[2] == ("dvc exp run", ["train.epochs=2"]) and calls[3] == ("promote", 7)
+    assert [c[0] for c in calls] == ["clone", "pull", "dvc exp run", "register", "promote", "push"]
+    assert calls[2] == ("dvc exp run", ["train.epochs=2"]) and calls[4] == ("promote", 7)
     assert result["kaggle_f1"] == 0.5 and result["promotion"]["reason"] == "promoted: test"
 
 
 def test_an_uncalibrated_version_is_not_sent_to_the_gate_and_still_pushed(fake_pipeline, monkeypatch):
     monkeypatch.setattr(pipeline, "run_pipeline", lambda work, overrides, name, uri: {
-        "calibrated": False, "recipe_key": "abc", "model_version": 3, "pipeline_start": 0.0, "pipeline_end": 0.0})
+        "calibrated": False, "recipe_key": "abc", "pipeline_start": 0.0, "pipeline_end": 0.0})
     result = pipeline.train()
     assert "promote" not in [c[0] for c in fake_pipeline.calls] and fake_pipeline.kinds("push")
     assert not result["promotion"]["promoted"] and "recipe key abc" in result["promotion"]["reason"]
@@ -390,8 +395,8 @@ def test_sweep_in_this_process_trains_the_best_calibrated_from_its_folds(fake_pi
     (_, args, cwd, _) = fake_pipeline.commands("calibrate")[-1]
     assert args == ["calibrate", "--cv", str(fake_pipeline.work.parent / "cv"), "-S", "train.lr=0.002"]
     assert cwd == fake_pipeline.work
-    assert [c[0] for c in fake_pipeline.calls[-11:]] == ["clone", "pull", *["collect"] * FOLDS, "covseg",
-                                                         "dvc exp run", "promote", "push"]
+    assert [c[0] for c in fake_pipeline.calls[-12:]] == ["clone", "pull", *["collect"] * FOLDS, "covseg",
+                                                         "dvc exp run", "register", "promote", "push"]
     assert fake_pipeline.kinds("dvc exp run") == [("dvc exp run", ["train.lr=0.002"])]
 
 

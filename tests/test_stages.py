@@ -13,7 +13,7 @@ from covseg.cli import main
 from covseg.errors import CovsegError
 from covseg.model import load_checkpoint
 from covseg.names import CV_METRICS, PATHS
-from covseg.stages import evaluate, preprocess, submit, train, validate
+from covseg.stages import evaluate, preprocess, register, submit, train, validate
 from covseg.validation import ContractError
 
 CHOICES = {"class_bias": [0.5, 0.0, 0.0, 0.0], "tta": True, "min_island": 0}
@@ -28,8 +28,13 @@ def entry(choices=CHOICES, score=0.6) -> dict:
 
 def evaluate_and_submit(p, calibration=PATHS.calibration):
     return (evaluate.run(PATHS.processed, PATHS.model, PATHS.history, PATHS.validation, calibration, PATHS.metrics,
-                         PATHS.evaluation, p.evaluate, p.tracking, p.registry),
+                         PATHS.evaluation, p.evaluate, p.tracking),
             submit.run(PATHS.processed, PATHS.model, calibration, PATHS.submission, p.evaluate.batch_size, p.tracking))
+
+
+def register_model(p, calibration=PATHS.calibration) -> dict:
+    """`covseg register`, after the pipeline."""
+    return register.run(PATHS.model, PATHS.metrics, calibration, PATHS.processed, p.registry, p.tracking)
 
 
 @pytest.fixture
@@ -53,6 +58,7 @@ def pipeline(tmp_path, tiny_raw, tiny_params, mlflow_store, monkeypatch, tiny_fo
     }
     (tmp_path / PATHS.calibration).write_text(json.dumps({results["train"]["recipe_key"]: entry()}))
     results["evaluate"], results["submit"] = evaluate_and_submit(p)
+    results["register"] = register_model(p)
     return tmp_path, results
 
 
@@ -65,7 +71,9 @@ def test_stages_write_and_return_their_outputs(pipeline, tiny_params):
     history = pd.read_csv(root / PATHS.history)
     assert list(history["epoch"]) == [1] and "val_loss" not in history.columns, "nothing held out to score"
     metrics = json.loads((root / PATHS.metrics).read_text())
-    assert metrics == r["evaluate"] and metrics["model_version"] == 1 and metrics["calibrated"] is True
+    assert metrics == r["evaluate"] and metrics["calibrated"] is True and "model_version" not in metrics
+    assert r["register"] == {"model_version": 1, "mlflow_run_id": r["train"]["mlflow_run_id"], "new": True,
+                             "calibrated": True}
     assert metrics["kaggle_f1"] == 0.6 and metrics["oof_slices"] == 12 and metrics["train_slices"] == 12
     assert "val_kaggle_f1" not in metrics, "the recipe's out-of-fold scores, never the model's on its own slices"
     evaluation = {p.name for p in (root / PATHS.evaluation).iterdir()}
@@ -76,7 +84,7 @@ def test_stages_write_and_return_their_outputs(pipeline, tiny_params):
 
 
 def test_run_is_tracked_and_the_calibrated_model_registered(pipeline, mlflow_store):
-    from covseg import tracking
+    from covseg import modelstore
 
     root, r = pipeline
     client = MlflowClient(mlflow_store)
@@ -90,7 +98,7 @@ def test_run_is_tracked_and_the_calibrated_model_registered(pipeline, mlflow_sto
     assert version.run_id == run.info.run_id and version.tags["calibrated"] == "true"
     assert float(version.tags["oof_kaggle_f1"]) == 0.6 and version.tags["oof_slices"] == "12"
     assert json.loads(version.tags["inference_choices"]) == CHOICES
-    registered = tracking.load_model("models:/covseg-unet/1")
+    registered, _ = modelstore.load("models:/covseg-unet/1")
     assert (registered.class_bias, registered.tta, registered.min_island) == (CHOICES["class_bias"], True, 0)
     _, ckpt = load_checkpoint(root / PATHS.model)
     assert ckpt["mlflow_run_id"] == run.info.run_id and ckpt["recipe_key"] == r["train"]["recipe_key"]
@@ -109,11 +117,27 @@ def test_a_model_without_a_calibration_is_evaluated_with_neutral_choices_and_say
     err = capsys.readouterr().err
     assert "no calibration for the model models/model.pt" in err and "`covseg cv` then `covseg calibrate`" in err
     assert metrics["calibrated"] is False and "kaggle_f1" not in metrics and metrics["choice_tta"] is False
-    version = MlflowClient(mlflow_store).get_model_version("covseg-unet", str(metrics["model_version"]))
-    assert metrics["model_version"] == 2 and version.tags["calibrated"] == "false"
+    with pytest.raises(CovsegError, match="run `dvc repro` first"):  # metrics of the neutral choices
+        register_model(tiny_params)
+    neutral = register_model(tiny_params, calibration=root / "none.json")
+    version = MlflowClient(mlflow_store).get_model_version("covseg-unet", str(neutral["model_version"]))
+    assert neutral["model_version"] == 2 and neutral["new"] and version.tags["calibrated"] == "false"
     assert "oof_kaggle_f1" not in version.tags
-    again, _ = evaluate_and_submit(tiny_params)
-    assert again["model_version"] == 1, "the same calibrated model: its version, not a new one"
+    evaluate_and_submit(tiny_params)
+    again = register_model(tiny_params)
+    assert again["model_version"] == 1 and not again["new"], "the same calibrated model: its version, not a new one"
+
+
+def test_register_refuses_a_model_it_cannot_trace(pipeline, tiny_params, tmp_path):
+    root, r = pipeline
+    with pytest.raises(CovsegError, match="not evaluate's metrics"):
+        register.run(PATHS.model, root / "nope.json", PATHS.calibration, PATHS.processed, tiny_params.registry,
+                     tiny_params.tracking)
+    other = json.loads((root / PATHS.metrics).read_text()) | {"mlflow_run_id": "0" * 32}
+    (root / "other.json").write_text(json.dumps(other))
+    with pytest.raises(CovsegError, match="run `dvc repro` first, then register"):
+        register.run(PATHS.model, root / "other.json", PATHS.calibration, PATHS.processed, tiny_params.registry,
+                     tiny_params.tracking)
 
 
 def test_a_held_out_fold_is_scored_with_the_calibrated_choices(tmp_path, tiny_raw, tiny_params, mlflow_store,
@@ -138,7 +162,7 @@ def test_a_held_out_fold_is_scored_with_the_calibrated_choices(tmp_path, tiny_ra
 
 def test_an_ensemble_is_trained_registered_and_served_as_one_model(tmp_path, tiny_raw, tiny_params, mlflow_store,
                                                                      monkeypatch, tiny_folds):
-    from covseg import tracking
+    from covseg import modelstore
     from covseg.model import Ensemble, predict_logits
     from covseg.preprocessing import load_processed
 
@@ -149,9 +173,10 @@ def test_an_ensemble_is_trained_registered_and_served_as_one_model(tmp_path, tin
     trained = train.run(PATHS.processed, PATHS.model, PATHS.history, p.seed, p.model, p.train, p.tracking, p.flat())
     assert pd.read_csv(PATHS.history)["member"].tolist() == [0, 1]
     Path(PATHS.calibration).write_text(json.dumps({trained["recipe_key"]: entry()}))
-    metrics, _ = evaluate_and_submit(p)
+    evaluate_and_submit(p)
+    version = register_model(p)["model_version"]
     local, _ = calibration.load_calibrated(PATHS.model, PATHS.calibration)
-    registered = tracking.load_model(f"models:/covseg-unet/{metrics['model_version']}")
+    registered, _ = modelstore.load(f"models:/covseg-unet/{version}")
     assert isinstance(local.unet, Ensemble) and isinstance(registered.unet, Ensemble) and registered.tta
     x, _ = load_processed(PATHS.processed, "train")
     np.testing.assert_array_equal(predict_logits(registered, x[:2]), predict_logits(local, x[:2]))

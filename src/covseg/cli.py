@@ -90,15 +90,25 @@ def cmd_evaluate(args, params: Params) -> None:
     from covseg.stages import evaluate
 
     m = evaluate.run(args.data, args.model, args.history, args.validation, args.calibration, args.metrics, args.out,
-                     params.evaluate, params.tracking, params.registry, params.train.device)
+                     params.evaluate, params.tracking, params.train.device)
     if m["calibrated"]:
         print(f"out-of-fold (nested, {m['oof_folds']} folds, {m['oof_slices']} slices): kaggle_f1 {m['kaggle_f1']:.4f} "
               f"+- {m['kaggle_f1_std']:.4f}, Dice ground glass {m['dice_ggo']:.4f}, consolidation "
               f"{m['dice_consolidation']:.4f} (constant predictor {m['trivial_kaggle_f1']:.4f})")
     if "val_kaggle_f1" in m:
         print(f"held-out fold ({m['val_slices']} slices): kaggle_f1 {m['val_kaggle_f1']:.4f}")
-    print(f"-> {args.metrics}, {args.out}/"
-          + (f"; registered {params.registry.model_name} v{m['model_version']}" if "model_version" in m else ""))
+    print(f"-> {args.metrics}, {args.out}/")
+
+
+def cmd_register(args, params: Params) -> None:
+    from covseg.atomic import write_json
+    from covseg.stages import register
+
+    r = register.run(args.model, args.metrics, args.calibration, args.data, params.registry, params.tracking)
+    print(f"{params.registry.model_name} v{r['model_version']} ({'new' if r['new'] else 'already registered'}, "
+          f"{'calibrated' if r['calibrated'] else 'not calibrated'}) from MLflow run {r['mlflow_run_id']}")
+    if args.output:
+        write_json(r, args.output)
 
 
 def cmd_submit(args, params: Params) -> None:
@@ -113,7 +123,7 @@ def cmd_submit(args, params: Params) -> None:
 
 def cmd_promote(args, params: Params) -> None:
     from covseg.atomic import write_json
-    from covseg.registry import run_promotion
+    from covseg.promotion import run_promotion
 
     decision = run_promotion(params.registry, params.tracking, args.version, args.force, args.allow_data_change)
     champion = "none" if decision["champion_after"] is None else f"v{decision['champion_after']}"
@@ -147,6 +157,18 @@ def cmd_calibrate(args, params: Params) -> None:
     entry = calibrate(args.cv, composed.calibrate, args.out, composed.recipe)
     print(describe(entry))
     print(f"-> {args.out} (commit it: evaluate, submit, predict and the promotion gate read it)")
+
+
+def cmd_serve(args, params: Params) -> None:
+    from covseg import modelstore, serving
+    from covseg.model import pick_device
+    from covseg.names import CHAMPION
+
+    spec = args.model or f"models:/{params.registry.model_name}@{CHAMPION}"
+    device = pick_device(args.device)
+    model, _ = modelstore.load(spec, device)
+    print(f"serving {spec} on http://{args.host}:{args.port}/invocations ({device})", file=sys.stderr, flush=True)
+    serving.serve(model, device, args.host, args.port)
 
 
 def cmd_predict(args, params: Params) -> None:
@@ -209,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
               data=PATHS.processed, model=PATHS.model, history=PATHS.history)
     p.add_argument("--state", default=PATHS.train_state,
                    help="state saved after every epoch; a killed run resumes from it ('' for none)")
-    p = stage("evaluate", "stage: the recipe's out-of-fold metrics (calibration file), plots; the calibrated "
-              "model logged and registered", cmd_evaluate, data=PATHS.processed, model=PATHS.model,
+    p = stage("evaluate", "stage: the recipe's out-of-fold metrics (calibration file), plots", cmd_evaluate,
+              data=PATHS.processed, model=PATHS.model,
               history=PATHS.history, calibration=PATHS.calibration, metrics=PATHS.metrics,
               validation=PATHS.validation, out=PATHS.evaluation)
     p = stage("submit", "stage: predict the test images, write the competition CSV and masks", cmd_submit,
@@ -239,14 +261,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=PATHS.calibration, help=f"the calibration file (default: {PATHS.calibration})")
     p.set_defaults(func=cmd_calibrate)
 
+    p = stage("register", "registry, after dvc repro: log the evaluated model with its calibrated choices and "
+              "register it, tagged with its out-of-fold scores and provenance (a new version only for a new model)",
+              cmd_register, model=PATHS.model, metrics=PATHS.metrics, calibration=PATHS.calibration,
+              data=PATHS.processed)
+    p.add_argument("--output", help="write the version and run as JSON here")
+
     p = sub.add_parser("promote", help="registry: challenger vs champion by a metric gate on their out-of-fold "
-                                       "scores (tagged by evaluate from the calibration); no model is scored")
+                                       "scores (tagged by covseg register); no model is scored")
     p.add_argument("--version", type=int, help="the version to consider (default: the newest)")
     p.add_argument("--force", action="store_true", help="with --version: make it champion by hand (roll back)")
     p.add_argument("--allow-data-change", action="store_true",
                    help="compare versions trained on other (or unknown) data versions")
     p.add_argument("--output", help="write the decision as JSON here")
     p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("serve", help="REST: MLflow's scoring server (/invocations) for a registry model, its weights "
+                                     "read from the registry (no code of the registry entry runs)")
+    p.add_argument("--model", help=f"{model_help} (default: models:/<registry.model_name>@champion)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5001, help="port (default: 5001)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("predict", help="segment your own scans (NIfTI, DICOM, PNG/JPG, .npy): labels, overlays, report")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders (searched recursively) or glob patterns")
