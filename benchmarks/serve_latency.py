@@ -1,13 +1,14 @@
-"""REST round trip of `mlflow models serve` for one slice, per model size, against an embedded store.
+"""REST round trip of `covseg serve` for one slice, per model size, against an embedded store.
 
-    python benchmarks/serve_latency.py [--size 512] [--repeats 5]
+    python benchmarks/serve_latency.py [--size 512] [--repeats 5] [--out FILE]
 
 For each model (tiny: base_channels 4, depth 2; default width: base_channels 16, depth 4; both at full
-resolution, scale 1.0), logs and registers it as the train and evaluate stages do, serves
-`models:/covseg-unet@champion` with `--env-manager local` and MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false
-(tests/servers.py starts and stops the server), POSTs one random (1, 1, size, size) slice as
+resolution, scale 1.0), logs it in covseg's form (covseg.modelstore.log) and registers it, then
+serves `models:/covseg-unet@champion` with `covseg serve --device cpu` and
+MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false (tests/servers.py starts and stops the server), POSTs one random
+(1, 1, size, size) slice as
 `{"inputs": ...}` `repeats` times, and compares with the model's own forward pass in this process.
-Writes benchmarks/results/serve_latency.json.
+Writes benchmarks/results/serve_latency.json (or --out).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_latency.json")
     args = parser.parse_args()
     import mlflow
     import numpy as np
@@ -36,9 +38,9 @@ def main() -> None:
     from mlflow import MlflowClient
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from servers import model_server
+    from servers import covseg_server
 
-    from covseg import tracking
+    from covseg import modelstore, tracking
     from covseg.atomic import write_json
     from covseg.model import Segmenter, UNet
     from covseg.names import CHAMPION, ENV_ALLOW_PICKLE, ENV_TRACKING_URI
@@ -54,18 +56,18 @@ def main() -> None:
             torch.manual_seed(0)
             net = Segmenter(UNet(base_channels=width, depth=depth), 1.0).eval()
             tracking.configure("serve-benchmark", uri)
-            with mlflow.start_run() as run:
+            with mlflow.start_run():
                 t = time.perf_counter()
-                tracking.log_model(net, (args.size, args.size))
+                model_uri = modelstore.log(net, (args.size, args.size))
                 log_seconds = time.perf_counter() - t
-            version = mlflow.register_model(f"runs:/{run.info.run_id}/model", "covseg-unet").version
+            version = mlflow.register_model(model_uri, "covseg-unet").version
             MlflowClient().set_registered_model_alias("covseg-unet", CHAMPION, version)
             t = time.perf_counter()
             with torch.no_grad():
                 local = net(torch.from_numpy(x)).numpy()
             local_seconds = time.perf_counter() - t
             times = []
-            with model_server(Path(tmp), "models:/covseg-unet@champion", env) as url:
+            with covseg_server(Path(tmp), "models:/covseg-unet@champion", env) as url:
                 for _ in range(args.repeats):
                     request = urllib.request.Request(f"{url}/invocations", data=body,
                                                      headers={"Content-Type": "application/json"})
@@ -84,7 +86,7 @@ def main() -> None:
     result = {"size": args.size, "slices_per_request": 1, "repeats": args.repeats, "models": results,
               "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, OMP_NUM_THREADS="
                          f"{os.environ.get('OMP_NUM_THREADS', '(unset)')}"}
-    write_json(result, ROOT / "benchmarks" / "results" / "serve_latency.json")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

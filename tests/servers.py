@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 # The test S3 endpoint's bucket and dummy credentials (moto takes any).
 S3_BUCKET = "covseg-test"
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "covseg-test-key", "AWS_SECRET_ACCESS_KEY": "covseg-test-secret"}
@@ -110,14 +111,16 @@ def prefect_workers(root: Path, env: dict, pool: str, count: int, pins: list[str
 
 
 @contextmanager
-def model_server(root: Path, model_uri: str, env: dict):
-    """`mlflow models serve` of `model_uri` in this environment (--env-manager local) updated by `env`;
-    yields its URL (POST {url}/invocations)."""
+def covseg_server(root: Path, model_uri: str | None, env: dict, device: str = "cpu"):
+    """`covseg serve` of `model_uri` (None: the champion, models:/<registry.model_name>@champion) on the
+    project's params.yaml, in this environment updated by `env` (MLFLOW_TRACKING_URI: the store); its output
+    goes to root/covseg-serve.log. Yields its URL (POST {url}/invocations)."""
     port = free_port()
-    log = open(root / "model-server.log", "w")
+    log = open(root / "covseg-serve.log", "w")
+    model = ["--model", model_uri] if model_uri else []
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        [str(BIN / "covseg"), "--params", str(ROOT / "params.yaml"), "serve", *model, "--host", "127.0.0.1",
+         "--port", str(port), "--device", device],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **env})
     try:

@@ -12,8 +12,10 @@ artifacts) <- registry, gate, promotion, stages, cli. Tracking knows runs and ta
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import mlflow
 import numpy as np
@@ -95,7 +97,8 @@ def fetch(uri: str, dst: str | Path) -> Path:
     """Download the model at `uri` into `dst`; a CovsegError naming the store when it cannot."""
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+        with mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):  # one line of error
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except (MlflowException, OSError) as e:
         raise CovsegError(f"model {uri}: cannot be read from {tracking.tracking_uri()}: {e}") from e
 

@@ -67,6 +67,11 @@ def run(model: str | Path, metrics_path: str | Path, calibration_file: str | Pat
     with tracking.resume(run_id, trk.experiment):
         # a version per calibrated model: registering the same choices again re-tags the version
         version = registry.find_version(reg.model_name, run_id, {TAG_CHOICES: tags[TAG_CHOICES]})
+        if version is not None:
+            try:
+                modelstore.check_version_form(reg.model_name, version)
+            except CovsegError:  # logged the old way: log it again in covseg's form, as a new version
+                version = None
         new = version is None
         if new:
             uri = modelstore.log(calibration.apply(net, choices), load_processed(data, "test")[0].shape[1:])
