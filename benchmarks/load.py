@@ -5,17 +5,21 @@
 Starts an MLflow server and a Prefect server on 127.0.0.1 (tests/servers.py), makes a fresh tiny
 project (tests/projects.py), deploys infra/prefect.yaml, starts N process workers on the pool `gpu`
 (one flow run each, OMP_NUM_THREADS=1) and creates N `train/gpu` flow runs at once, promote=True, all of
-one recipe. The gate compares a version's out-of-fold scores, so the recipe is calibrated first (`covseg
+one recipe; each flow run runs the pipeline (`dvc exp run`), then `covseg register` and `covseg promote`
+(the gate, under the promotion lock: here the Prefect global concurrency limit, the workers having a Prefect
+API). The gate compares a version's out-of-fold scores, so the recipe is calibrated first (`covseg
 cv`, `covseg calibrate`, calibration.json committed in the project) and every run warm-starts
 (`train.init`) from one checkpoint trained first, outside the servers, so that a few epochs pass the
 gate's floor; validate / preprocess have run once in the project (the working copies restore them from
 the shared DVC run cache, as a team's cache would). N versions of one recipe carry the same scores: the
 first decided becomes champion and the others do not beat it. Then checks: N completed flow runs; N
 MLflow runs, each with every epoch's train_loss; N registered versions, each with its recorded gate
-decision; and a consistent champion (see `champion_problems`).
-Meanwhile it samples memory and times the registry round trip the promotion lock relies on (read, then
-write a tag; `registry.lock_settle_s / 2` is its limit). Writes benchmarks/results/load.json (counts, wall
-times, per-run times and gate decisions, peak memory, registry latency, the problems found).
+decision; a consistent champion (see `champion_problems`); and the promotion lock, a Prefect global
+concurrency limit, used by the gates and free at the end (see `lock_problems`).
+Meanwhile it samples memory and times a registry round trip under the load (read a registered model, write a
+tag: what each gate's reads and writes cost; the lock does not depend on it). Writes
+benchmarks/results/load.json (counts, wall times, per-run times and gate decisions, peak memory, registry
+latency, the problems found).
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from projects import TINY, make_project  # noqa: E402
 from servers import mlflow_server, prefect_server, prefect_workers  # noqa: E402
 
-from covseg import shell  # noqa: E402
+from covseg import locks, shell  # noqa: E402
 from covseg.names import (  # noqa: E402
     CHALLENGER,
     CHAMPION,
@@ -45,7 +49,6 @@ from covseg.names import (  # noqa: E402
     PATHS,
     TAG_FLOW_RUN,
     TAG_PROMOTION,
-    TAG_PROMOTION_LOCK,
 )
 from covseg.params import apply_overrides, load_params, read_tree  # noqa: E402
 
@@ -107,7 +110,7 @@ def peak_memory():
 
 @contextmanager
 def registry_probe(uri: str, every: float = 2.0):
-    """Times, every `every` seconds, what the promotion lock does to take its lease (read the registered
+    """Times, every `every` seconds, a registry round trip of the kind each gate makes (read a registered
     model, write a tag), on a registered model of its own; yields the list of durations (s). A lower bound
     of what a gate sees: this process is idle, the flow runs compete for the CPU."""
     from mlflow import MlflowClient
@@ -126,13 +129,12 @@ def registry_probe(uri: str, every: float = 2.0):
         yield samples
 
 
-def latency_summary(samples: list[float], limit: float) -> dict:
+def latency_summary(samples: list[float]) -> dict:
     ordered = sorted(samples)
     if not ordered:
         return {"count": 0}
     return {"count": len(ordered), "median_s": round(ordered[len(ordered) // 2], 3),
-            "p95_s": round(ordered[int(0.95 * (len(ordered) - 1))], 3), "max_s": round(ordered[-1], 3),
-            f"over_{limit}s": sum(x > limit for x in ordered)}
+            "p95_s": round(ordered[int(0.95 * (len(ordered) - 1))], 3), "max_s": round(ordered[-1], 3)}
 
 
 def prepare(root: Path, epochs: int) -> tuple[Path, Path]:
@@ -218,9 +220,26 @@ def champion_problems(decisions: dict[int, dict], champion: int | None, min_scor
     return problems
 
 
-def check(uri: str, flow_runs: list, params, epochs: int) -> dict:
-    """Counts and problems: the flow runs, the MLflow runs and their histories, the versions, the champion."""
+def lock_problems(limit, name: str, gates: int) -> list[str]:
+    """What is wrong with the promotion lock `limit` (the Prefect global concurrency limit `name`, None when
+    there is none) after `gates` promotions: they must have taken it (so it exists, one slot, active) and
+    released it."""
+    if limit is None:
+        return [f"no Prefect global concurrency limit {name}: the {gates} gates did not take the Prefect lock"] \
+            if gates else []
+    problems = []
+    if limit.limit != 1 or not limit.active:
+        problems.append(f"the promotion lock {name} has limit {limit.limit}, active {limit.active}: not one slot")
+    if limit.active_slots:
+        problems.append(f"the promotion lock {name} is still held ({limit.active_slots} slots) after every gate")
+    return problems
+
+
+def check(uri: str, prefect, flow_runs: list, params, epochs: int) -> dict:
+    """Counts and problems: the flow runs, the MLflow runs and their histories, the versions, the champion,
+    the promotion lock (read with the Prefect client `prefect`)."""
     from mlflow import MlflowClient
+    from prefect.exceptions import ObjectNotFound
 
     client = MlflowClient(uri)
     name, problems = params.registry.model_name, []
@@ -255,11 +274,18 @@ def check(uri: str, flow_runs: list, params, epochs: int) -> dict:
         if aliases.get(CHALLENGER) != int(last.version):
             problems.append(f"challenger is v{aliases.get(CHALLENGER)}, but v{last.version}'s decision came last")
         problems += champion_problems(decisions, aliases.get(CHAMPION), params.registry.min_score)
-    if model and TAG_PROMOTION_LOCK in model.tags:
-        problems.append(f"the promotion lock is still held: {model.tags[TAG_PROMOTION_LOCK]}")
+    lock = locks.lock_name(name)
+    try:
+        limit = prefect.read_global_concurrency_limit_by_name(lock)
+    except ObjectNotFound:
+        limit = None
+    problems += lock_problems(limit, lock, len(decisions))
     version_of_run = {v.run_id: int(v.version) for v in versions}
     return {"flow_runs_completed": len(completed), "mlflow_runs": len(runs), "runs_with_full_history": full_history,
-            "registered_versions": len(versions), "aliases": aliases, "problems": problems, "decisions": decisions,
+            "registered_versions": len(versions), "aliases": aliases,
+            "promotion_lock": {"prefect_limit": lock, "exists": limit is not None,
+                               "active_slots": limit.active_slots if limit else None},
+            "problems": problems, "decisions": decisions,
             "version_of_flow_run": {f: version_of_run.get(r.info.run_id) for f, r in by_flow.items()}}
 
 
@@ -284,7 +310,7 @@ def load_test(root: Path, n: int = 8, epochs: int = 3, timeout: float = 1200) ->
                 param_sets = [{"overrides": run_overrides(init), "promote": True} for _ in range(n)]
                 flow_runs = trigger_and_wait(client, param_sets, timeout)
                 done = time.time()
-                result = check(uri, flow_runs, params, epochs)
+                result = check(uri, client, flow_runs, params, epochs)
     gate, version_of = result.pop("decisions"), result.pop("version_of_flow_run")
     rows = []
     for fr in flow_runs:
@@ -306,7 +332,7 @@ def load_test(root: Path, n: int = 8, epochs: int = 3, timeout: float = 1200) ->
             "prepare_s": round(prepared - t0, 1), "servers_deploy_workers_s": round(ready - prepared, 1),
             "load_wall_s": round(done - ready, 1), "total_s": round(time.time() - t0, 1),
             "peak_memory_mb": {k: round(v) for k, v in peak.items()},
-            "registry_read_write_s": latency_summary(latencies, params.registry.lock_settle_s / 2),
+            "registry_read_write_s": latency_summary(latencies),
             **result, "flow_runs": rows}
 
 

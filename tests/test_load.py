@@ -1,12 +1,13 @@
-"""The load test of benchmarks/load.py: its champion check (fast), and 8 trainings at once (slow)."""
+"""The load test of benchmarks/load.py: its champion and lock checks (fast), and 8 trainings at once (slow)."""
 import re
 import sys
+from types import SimpleNamespace
 
 import pytest
 from projects import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from load import champion_problems, load_test
+from load import champion_problems, load_test, lock_problems
 
 
 def decision(v, score, before=None, champion_score=None, promoted=False, slices=10):
@@ -41,12 +42,30 @@ def test_an_inconsistent_race_is_named(decisions, champion, problem):
     assert any(re.search(problem, p) for p in problems), problems
 
 
+def limit(active_slots=0, limit=1, active=True):
+    return SimpleNamespace(active_slots=active_slots, limit=limit, active=active)
+
+
+@pytest.mark.parametrize("found, gates, problem", [
+    (limit(), 8, None),
+    (None, 0, None),
+    (None, 8, "no Prefect global concurrency limit L: the 8 gates did not take the Prefect lock"),
+    (limit(active_slots=1), 8, r"the promotion lock L is still held \(1 slots\) after every gate"),
+    (limit(limit=2), 8, "the promotion lock L has limit 2, active True: not one slot"),
+])
+def test_the_promotion_lock_must_have_been_taken_and_released(found, gates, problem):
+    problems = lock_problems(found, "L", gates)
+    assert (problems == []) if problem is None else any(re.fullmatch(problem, p) for p in problems), problems
+
+
 @pytest.mark.slow
 def test_eight_trainings_at_once(tmp_path):
-    """8 train/gpu runs at once of one calibrated recipe on 8 process workers, one MLflow server, promote=True."""
+    """8 train/gpu runs at once of one calibrated recipe on 8 process workers, one MLflow server, promote=True:
+    each registers its version (`covseg register`) and runs the gate under the Prefect promotion lock."""
     result = load_test(tmp_path, n=8, epochs=3, timeout=900)
     assert result["problems"] == []
     counts = ("flow_runs_completed", "mlflow_runs", "runs_with_full_history", "registered_versions")
     assert [result[k] for k in counts] == [8, 8, 8, 8]
     assert result["aliases"].get("champion"), "the calibrated, warm-started versions pass the gate: a champion"
+    assert result["promotion_lock"]["exists"] and result["promotion_lock"]["active_slots"] == 0
     print({k: result[k] for k in ("load_wall_s", "total_s", "peak_memory_mb", "registry_read_write_s")})

@@ -1,4 +1,5 @@
-"""MLflow: runs tracked from the DVC stages, versions registered, promotion by the gate on out-of-fold scores."""
+"""MLflow: runs tracked from the DVC stages, versions registered by `covseg register` after the pipeline,
+promotion by the gate on out-of-fold scores under the promotion lock."""
 import json
 import os
 import subprocess
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from covseg import registry
-from covseg.model import load_checkpoint, load_model, predict_labels
+from covseg import locks, modelstore, registry
+from covseg.model import load_checkpoint, predict_labels
 from covseg.names import (
     ENV_ALLOW_PICKLE,
     ENV_TRACKING_URI,
@@ -30,7 +31,7 @@ LEARNS = {"model.base_channels": 8, "train.epochs": 30, "train.lr": 0.01, "regis
 
 @pytest.fixture(autouse=True)
 def _no_pickle(monkeypatch):
-    """Every command here (dvc repro, covseg promote / submit) runs with MLflow's unpickling refused."""
+    """Every command here (dvc repro, covseg register / promote / submit) runs with MLflow's unpickling refused."""
     monkeypatch.setenv(ENV_ALLOW_PICKLE, "false")
 
 
@@ -44,11 +45,17 @@ def _runs(client):
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
+def _register(sh, project, out: str = "registration.json") -> dict:
+    """`covseg register` after the pipeline, as a user types it: {model_version, mlflow_run_id, new, calibrated}."""
+    sh(f"covseg register --output {out}", project)
+    return json.loads((project / out).read_text())
+
+
 def _calibrate_by_hand(client, version, score, slices=10, trivial=0.05):
-    """Set on `version` the out-of-fold tags that evaluate sets on a calibrated version (`score` on every
+    """Set on `version` the out-of-fold tags that `covseg register` sets on a calibrated version (`score` on every
     headline metric, from `slices` slices, the constant predictor's kaggle_f1 `trivial`). The tiny project
     carries no calibration for its recipe keys (one would take `covseg cv` and `covseg calibrate` per
-    recipe), so `dvc repro` registers its versions uncalibrated and the gate refuses them; these stand-in
+    recipe), so `covseg register` registers its versions uncalibrated and the gate refuses them; these stand-in
     scores, set by hand, give the gate something to compare."""
     tags = {TAG_CALIBRATED: "true", TAG_OOF_SLICES: slices, TAG_OOF_FOLDS: 5, TAG_OOF_TRIVIAL: trivial,
             **{f"{OOF_PREFIX}{m}": score for m in HEADLINE_METRICS}}
@@ -59,6 +66,9 @@ def _calibrate_by_hand(client, version, score, slices=10, trivial=0.05):
 def test_embedded_store_holds_runs_from_temp_experiments(new_project, sh):
     project = new_project()
     sh("dvc repro", project)
+    first_version = _register(sh, project)
+    assert first_version["model_version"] == 1 and first_version["new"] and not first_version["calibrated"]
+    assert _register(sh, project)["new"] is False, "the same model again: its version is tagged again, not a new one"
     sh("dvc exp run --temp -S train.epochs=1 -n tiny-temp", project)
     client = _client(f"sqlite:///{project / 'mlflow.db'}")
     first, temp = _runs(client)
@@ -68,18 +78,33 @@ def test_embedded_store_holds_runs_from_temp_experiments(new_project, sh):
     artifacts = {a.path for a in client.list_artifacts(temp.info.run_id)}
     assert {"evaluation", "submission", "validation.json", "train_history.csv"} <= artifacts
     assert (project / "mlartifacts").is_dir() and not (project / "mlruns").exists()
+    assert [int(v.version) for v in client.search_model_versions("name='covseg-unet'")] == [1], \
+        "the pipeline registers nothing: `covseg register` does"
+    # the temporary experiment's model, registered from the workspace it is applied to
+    sh("dvc exp apply tiny-temp", project)
+    registered = _register(sh, project)
+    assert registered["model_version"] == 2 and registered["mlflow_run_id"] == temp.info.run_id
+    assert first_version["mlflow_run_id"] == first.info.run_id
     versions = client.search_model_versions("name='covseg-unet'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
 
 
-def test_server_tracking_registry_and_promotion(new_project, sh, mlflow_server):
+def test_server_tracking_registry_and_promotion(new_project, sh, mlflow_server, tmp_path, monkeypatch):
     project = new_project(LEARNS)
     uri = mlflow_server
     os.environ[ENV_TRACKING_URI] = uri  # restored by conftest's fixture
+    # no Prefect API: the promotion lock is the file lock of a remote store, in the per-user folder (here one of
+    # the test's own)
+    for key in [k for k in os.environ if k.startswith("PREFECT_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(locks, "prefect_api_url", lambda: None)  # whatever this process's Prefect settings hold
     client = _client(uri)
     # v1: an untrained model (lr 0), registered uncalibrated (no calibration for its recipe): the gate
     # refuses it, names the commands that make one, and changes nothing
     sh("dvc exp run -S train.lr=0 -S train.epochs=1", project)
+    assert _register(sh, project)["model_version"] == 1
     v1 = client.get_model_version("covseg-unet", "1")
     assert v1.tags["calibrated"] == "false" and "oof_kaggle_f1" not in v1.tags
     refused = sh("covseg promote --output promote1.json", project, check=False)
@@ -96,6 +121,7 @@ def test_server_tracking_registry_and_promotion(new_project, sh, mlflow_server):
 
     # v2: a trained model; its out-of-fold scores pass the floor: the first champion
     sh("dvc exp run -S train.lr=0.01 -S train.epochs=30", project)
+    assert _register(sh, project)["model_version"] == 2
     _calibrate_by_hand(client, 2, 0.6)
     out = sh("covseg promote --output promote2.json", project).stdout
     d2 = json.loads((project / "promote2.json").read_text())
@@ -106,7 +132,7 @@ def test_server_tracking_registry_and_promotion(new_project, sh, mlflow_server):
     # the champion from the registry reproduces the run's predictions exactly (on the test slices: the
     # shipped recipe, split.fold all, trains on every labelled slice)
     images, _ = load_processed(project / "data/processed", "test")
-    champion, _ = load_model("models:/covseg-unet@champion")
+    champion, _ = modelstore.load("models:/covseg-unet@champion")
     served = mlflow.pyfunc.load_model("models:/covseg-unet@champion")  # as `mlflow models serve` loads it
     assert np.array_equal(served.predict(images[:, None]).argmax(1), predict_labels(champion, images))
     checkpoint, ckpt = load_checkpoint(project / "models/model.pt")
@@ -117,6 +143,7 @@ def test_server_tracking_registry_and_promotion(new_project, sh, mlflow_server):
 
     # v3: untrained again (other params, else DVC's run cache restores v1's outputs) -- worse
     sh("dvc exp run -S train.lr=0 -S train.epochs=2", project)
+    v3 = _register(sh, project, "registration3.json")
     _calibrate_by_hand(client, 3, 0.05)
     out = sh("covseg promote --output promote3.json", project).stdout
     d3 = json.loads((project / "promote3.json").read_text())
@@ -146,12 +173,14 @@ def test_server_tracking_registry_and_promotion(new_project, sh, mlflow_server):
     assert v2.run_id == trained.info.run_id and v2.tags["recipe_key"] == tags["recipe_key"]
     assert v2.tags["data_version"] == tags["data_version"]
     metrics = json.loads((project / "reports/metrics.json").read_text())
-    assert metrics["model_version"] == 3 and len(metrics["mlflow_run_id"]) == 32
+    assert "model_version" not in metrics and metrics["mlflow_run_id"] == v3["mlflow_run_id"]
+    assert v3["model_version"] == 3 and v3["new"] and len(v3["mlflow_run_id"]) == 32
 
     # two promotions at once against the server: champion v1 (out-of-fold 0.05); v2 (0.6) and v4 (0.3) both
     # beat it. Compare-and-set: the second to finish is compared with the first one's result, so v2 ends
     # champion in either order.
     sh("dvc exp run -S train.lr=0.01 -S train.epochs=3", project)
+    assert _register(sh, project)["model_version"] == 4
     _calibrate_by_hand(client, 4, 0.3)
     assert registry.aliases("covseg-unet")["champion"] == 1
     procs = {v: subprocess.Popen(["covseg", "promote", "--version", str(v), "--output", f"race{v}.json"],
@@ -168,5 +197,8 @@ def test_server_tracking_registry_and_promotion(new_project, sh, mlflow_server):
     else:  # v2 won first; v4 saw the champion move and was compared with v2
         assert d[2]["champion_before"] == 1 and d[4]["champion_before"] == d[4]["champion_after"] == 2
         assert d[4]["champion_score"] == 0.6 and d[4]["champions_seen"] == [1, 2]
-    assert "promotion_lock" not in client.get_registered_model("covseg-unet").tags
+    lock = tmp_path / "cache" / "covseg" / "locks" / f".{locks.lock_name('covseg-unet')}.lock"
+    assert lock.is_file(), f"the gates took the file lock {lock}"
+    with locks.promotion_lock("covseg-unet", 0, 60):  # and released it
+        pass
     print(f"race: v2 rounds {d[2]['rounds']}, v4 rounds {d[4]['rounds']} (promoted: {d[4]['promoted']}); champion v2")

@@ -1,6 +1,7 @@
 """The promotion gate: the out-of-fold scores tagged on each version compared (no model is scored), refusals
-that name what to run, provenance recorded on each version, and compare-and-set under a lease when promotions
-run at once (registry versions faked in a SQLite store, their tags set as the evaluate stage sets them)."""
+that name what to run, a version not of covseg's form refused, provenance recorded on each version, and
+compare-and-set under the promotion lock when promotions run at once. The versions are of one tiny covseg
+model logged once per module in a SQLite store; their tags are set as `covseg register` sets them."""
 import json
 import shutil
 import threading
@@ -8,10 +9,12 @@ import time
 
 import mlflow
 import pytest
+import yaml
 from mlflow import MlflowClient
 
-from covseg import registry
+from covseg import locks, modelstore, promotion, provenance, registry
 from covseg.errors import CovsegError
+from covseg.model import Segmenter, UNet
 from covseg.names import (
     CHALLENGER,
     CHAMPION,
@@ -21,57 +24,73 @@ from covseg.names import (
     TAG_DATA_VERSION,
     TAG_OOF_SLICES,
     TAG_PROMOTION,
-    TAG_PROMOTION_LOCK,
     TAG_TRAIN_SLICES,
     TAG_TRAIN_SLICES_COUNT,
     TAG_TRAIN_SLICES_SHA256,
     TRAINING_SLICES_FILE,
 )
-from covseg.stages.evaluate import version_tags
+from covseg.stages.register import version_tags
 
 NAME = "covseg-unet"
+
+
+@pytest.fixture(autouse=True)
+def _file_lock(monkeypatch):
+    """The promotion lock here is the file lock beside each test's store, even when another test of the session
+    configured a Prefect API (the Prefect limit as the lock: tests/test_locks.py)."""
+    monkeypatch.setattr(locks, "prefect_api_url", lambda: None)
 
 
 @pytest.fixture
 def reg(params):
     return params.override({"registry.min_eval_slices": 3, "registry.min_score": 0.1,
-                            "registry.lock_settle_s": 1.0, "registry.lock_wait_s": 120.0}).registry
+                            "registry.lock_wait_s": 120.0}).registry
 
 
 @pytest.fixture(scope="module")
-def empty_store(tmp_path_factory):
-    """An MLflow SQLite store with its tables made (about 6 s here), copied by each test."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
+def store(tmp_path_factory):
+    """An MLflow SQLite store (its tables made: about 3-6 s) with the experiment covseg, one run holding a tiny
+    covseg model logged in covseg's form (modelstore.log: about 2 s) and the registered model covseg-unet,
+    with no versions yet; each test copies it. Returns (store file, run id, the model's source, its model id)."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ENV_TRACKING_URI, uri)
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        experiment = client.create_experiment("covseg", artifact_location=(root / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment) as run:
+            model_uri = modelstore.log(Segmenter(UNet(base_channels=4, depth=2), 1.0).eval(), (16, 16))
+        logged = mlflow.get_logged_model(model_uri.removeprefix("models:/"))
+        client.create_registered_model(NAME)
+    return root / "mlflow.db", run.info.run_id, logged.artifact_location, logged.model_id
 
 
 @pytest.fixture
-def versions(empty_store, tmp_path, monkeypatch):
-    """make(n) -> the run id of n fake versions of covseg-unet (no model behind them: the gate loads none)."""
-    shutil.copy(empty_store, tmp_path / "mlflow.db")
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv(ENV_TRACKING_URI, store)
-    mlflow.set_tracking_uri(store)
-    client = MlflowClient(store)
-    exp = client.create_experiment("covseg", artifact_location=(tmp_path / "artifacts").as_uri())
-    run_id = client.create_run(exp).info.run_id
-    client.create_registered_model(NAME)
+def versions(store, tmp_path, monkeypatch):
+    """make(n) -> the run id, after n new versions of covseg-unet, each the store's one logged covseg model
+    (the gate loads none of them; it checks each one's form)."""
+    db, run_id, source, model_id = store
+    shutil.copy(db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv(ENV_TRACKING_URI, uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
 
     def make(n):
         for _ in range(n):
-            client.create_model_version(NAME, f"runs:/{run_id}/model", run_id=run_id)
+            client.create_model_version(NAME, source, run_id=run_id, model_id=model_id)
         return run_id
     return make
 
 
 def _tag(run_id, version, train_ids, data="md5-a"):
-    registry.record_provenance(NAME, version, run_id, data, train_ids)
+    provenance.record_provenance(NAME, version, run_id, data, train_ids)
 
 
 def _calibrated(run_id, version, score, slices=10, trivial=0.05, data="md5-a", **scores):
-    """Tag `version` as evaluate tags a calibrated model: out-of-fold `score` on every headline metric (but
-    `scores`), from `slices` slices, the constant predictor's kaggle_f1 `trivial`, trained on `data`."""
+    """Tag `version` as `covseg register` tags a calibrated model: out-of-fold `score` on every headline metric
+    (but `scores`), from `slices` slices, the constant predictor's kaggle_f1 `trivial`, trained on `data`."""
     metrics = {"calibrated": True, **{m: score for m in HEADLINE_METRICS}, **scores, "oof_slices": slices,
                "oof_folds": 5, "trivial_kaggle_f1": trivial}
     registry.tag(NAME, version, version_tags(metrics, f"key{version}"))
@@ -79,7 +98,7 @@ def _calibrated(run_id, version, score, slices=10, trivial=0.05, data="md5-a", *
 
 
 def _uncalibrated(run_id, version, data="md5-a"):
-    """Tag `version` as evaluate tags a model whose recipe and data have no calibration."""
+    """Tag `version` as `covseg register` tags a model whose recipe and data have no calibration."""
     registry.tag(NAME, version, version_tags({"calibrated": False}, f"key{version}"))
     _tag(run_id, version, [version], data)
 
@@ -96,12 +115,12 @@ def test_provenance_is_recorded_inline_or_as_an_artifact(versions):
     _tag(run_id, 1, [3, 1, 2])
     tags = MlflowClient().get_model_version(NAME, "1").tags
     assert tags[TAG_DATA_VERSION] == "md5-a" and tags[TAG_TRAIN_SLICES] == "1,2,3"
-    assert tags[TAG_TRAIN_SLICES_COUNT] == "3" and tags[TAG_TRAIN_SLICES_SHA256] == registry.slices_digest([1, 2, 3])
+    assert tags[TAG_TRAIN_SLICES_COUNT] == "3" and tags[TAG_TRAIN_SLICES_SHA256] == provenance.slices_digest([1, 2, 3])
     many = list(range(5000))  # too long for a tag: the run artifact, and the short list's tag goes
     _tag(run_id, 1, many, data="md5-b")
     tags = MlflowClient().get_model_version(NAME, "1").tags
     assert TAG_TRAIN_SLICES not in tags and tags[TAG_TRAIN_SLICES_COUNT] == "5000"
-    assert tags[TAG_TRAIN_SLICES_SHA256] == registry.slices_digest(many) and tags[TAG_DATA_VERSION] == "md5-b"
+    assert tags[TAG_TRAIN_SLICES_SHA256] == provenance.slices_digest(many) and tags[TAG_DATA_VERSION] == "md5-b"
     assert mlflow.artifacts.load_dict(f"runs:/{run_id}/{TRAINING_SLICES_FILE}") == {"data_version": "md5-b",
                                                                                     "train_slice_ids": many}
 
@@ -115,14 +134,14 @@ def test_an_uncalibrated_challenger_is_refused_naming_the_commands(versions, reg
     with pytest.raises(CovsegError, match=r"^covseg-unet v1 is not calibrated \(recipe key key1\): it has no "
                                           r"out-of-fold scores.*nothing changed\. Run `covseg cv` and `covseg "
                                           r"calibrate` for its recipe, commit calibration\.json, then `dvc repro` "
-                                          r"\(evaluate tags the version again\)$"):
-        registry.promote(reg, version=1)
+                                          r"and `covseg register` \(it tags the version again\)$"):
+        promotion.promote(reg, version=1)
     with pytest.raises(CovsegError, match=r"^covseg-unet v2 is not calibrated \(recipe key unknown\)"):
-        registry.promote(reg, version=2)  # no tags at all: registered before evaluate tagged calibrations
+        promotion.promote(reg, version=2)  # no tags at all: registered before versions were tagged with calibrations
     _calibrated(run_id, 3, 0.6)
     MlflowClient().delete_model_version_tag(NAME, "3", f"{OOF_PREFIX}kaggle_f1")
     with pytest.raises(CovsegError, match=r"^covseg-unet v3 lacks the tags oof_kaggle_f1: .*`covseg calibrate`"):
-        registry.promote(reg, version=3)
+        promotion.promote(reg, version=3)
     assert registry.aliases(NAME) == {}, "nothing moved"
     assert all(TAG_PROMOTION not in MlflowClient().get_model_version(NAME, str(v)).tags for v in (1, 2, 3))
 
@@ -131,32 +150,33 @@ def test_an_unreadable_score_tag_is_named(versions, reg):
     run_id = versions(1)
     _calibrated(run_id, 1, 0.6)
     MlflowClient().set_model_version_tag(NAME, "1", TAG_OOF_SLICES, "ten")
-    with pytest.raises(CovsegError, match=r"^covseg-unet v1: tag oof_slices is 'ten', not a count; run `dvc repro`"):
-        registry.promote(reg, version=1)
+    with pytest.raises(CovsegError, match=r"^covseg-unet v1: tag oof_slices is 'ten', not a count; run `dvc repro`, "
+                                          r"then `covseg register`"):
+        promotion.promote(reg, version=1)
 
 
 def test_scores_from_too_few_out_of_fold_slices_are_refused(versions, reg):
     run_id = versions(2)
     _calibrated(run_id, 1, 0.5)
-    registry.promote(reg, version=1)
+    promotion.promote(reg, version=1)
     _calibrated(run_id, 2, 0.9, slices=2)
     with pytest.raises(CovsegError, match=r"^covseg-unet v2: its out-of-fold scores come from 2 slices, fewer than "
                                           r"registry.min_eval_slices 3: not compared, nothing changed"):
-        registry.promote(reg, version=2)
+        promotion.promote(reg, version=2)
     assert registry.aliases(NAME) == {CHALLENGER: 1, CHAMPION: 1}, "nothing moved"
 
 
 def test_a_champion_without_out_of_fold_scores_is_refused_naming_force(versions, reg):
     run_id = versions(2)
     _uncalibrated(run_id, 1)
-    registry.set_champion(reg, 1)  # by hand: the gate would refuse it
+    promotion.set_champion(reg, 1)  # by hand: the gate would refuse it
     _calibrated(run_id, 2, 0.9)
     with pytest.raises(CovsegError, match=r"^covseg-unet: champion v1 has no out-of-fold kaggle_f1 .* so v2 cannot "
                                           r"be compared with it; nothing changed\..*`covseg promote --force "
                                           r"--version N`$"):
-        registry.promote(reg, version=2)
+        promotion.promote(reg, version=2)
     assert registry.aliases(NAME) == {CHAMPION: 1}, "nothing moved"
-    assert registry.set_champion(reg, 2)["champion_before"] == 1  # the way out it names
+    assert promotion.set_champion(reg, 2)["champion_before"] == 1  # the way out it names
 
 
 def test_other_data_versions_are_refused_unless_allowed(versions, reg):
@@ -164,18 +184,61 @@ def test_other_data_versions_are_refused_unless_allowed(versions, reg):
     _calibrated(run_id, 1, 0.5, data="md5-a")
     _calibrated(run_id, 2, 0.9, data="md5-b")
     _calibrated(run_id, 3, 0.9, data="")  # no data.dvc where it was trained
-    registry.promote(reg, version=1)
+    promotion.promote(reg, version=1)
     with pytest.raises(CovsegError, match=r"^covseg-unet: the data versions differ \(v2 md5-b, v1 md5-a\): "
                                           r"out-of-fold scores measured on other data are not comparable; nothing "
                                           r"changed\. Pass --allow-data-change"):
-        registry.promote(reg, version=2)
+        promotion.promote(reg, version=2)
     with pytest.raises(CovsegError, match=r"data versions are not known to match \(v3 unknown, v1 md5-a\)"):
-        registry.promote(reg, version=3)
+        promotion.promote(reg, version=3)
     assert registry.aliases(NAME) == {CHALLENGER: 1, CHAMPION: 1}
-    decision = registry.promote(reg, version=2, allow_data_change=True)
+    decision = promotion.promote(reg, version=2, allow_data_change=True)
     assert decision["promoted"] and decision["data_changed"] and decision["allow_data_change"]
     assert decision["data_versions"] == {"v2": "md5-b", "v1": "md5-a"}
     assert registry.aliases(NAME) == {CHALLENGER: 2, CHAMPION: 2}
+
+
+# a pyfunc as `mlflow.pyfunc.log_model(python_model=...)` writes it: code of its own, unpickled on load
+PICKLED = {"MLmodel": yaml.safe_dump({"flavors": {"python_function": {
+    "cloudpickle_version": "3.1.1", "code": None, "env": {"conda": "conda.yaml", "virtualenv": "python_env.yaml"},
+    "loader_module": "mlflow.pyfunc.model", "python_model": "python_model.pkl", "python_version": "3.11.9",
+    "streamable": False}}}), "python_model.pkl": "(a pickle)"}
+
+
+@pytest.mark.parametrize("files, problem", [
+    (PICKLED, r" is not of the form covseg logs \(loader_module 'mlflow.pyfunc.model' \(covseg logs "
+              r"'covseg.serving'\); key 'cloudpickle_version'; key 'python_model'\): covseg neither loads, serves "
+              r"nor promotes it, and runs none of its code; log it again in covseg's form"),
+    ({"notes.txt": "not a model"}, r": no readable MLmodel \(.*\); it is not a model covseg logged"),
+], ids=["pickled-pyfunc", "no-model"])
+def test_a_version_not_of_covsegs_form_is_refused_by_the_gate_and_by_hand(versions, reg, capsys, files, problem):
+    """A version registered from a run artifact that is not a covseg model, with out-of-fold scores that
+    would beat the champion: neither the gate nor `promote --force` moves an alias to it."""
+    from projects import ROOT
+
+    from covseg.cli import main
+
+    run_id = versions(1)
+    _calibrated(run_id, 1, 0.5)
+    promotion.promote(reg, version=1)
+    client = MlflowClient()
+    folder = f"other-{len(files)}-{sorted(files)[0]}"
+    for path, text in files.items():
+        client.log_text(run_id, text, f"{folder}/{path}")
+    assert int(client.create_model_version(NAME, f"runs:/{run_id}/{folder}", run_id=run_id).version) == 2
+    _calibrated(run_id, 2, 0.9)
+    refused = rf"^covseg-unet v2{problem}"
+    with pytest.raises(CovsegError, match=refused):
+        promotion.promote(reg, version=2)
+    with pytest.raises(CovsegError, match=refused):
+        promotion.promote(reg)  # the newest
+    with pytest.raises(CovsegError, match=refused):
+        promotion.set_champion(reg, 2)
+    assert main(["--params", str(ROOT / "params.yaml"), "promote", "--version", "2", "--force"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's download progress bars
+    assert err.startswith("covseg promote: error: covseg-unet v2") and ("form" in err or "MLmodel" in err), err
+    assert registry.aliases(NAME) == {CHALLENGER: 1, CHAMPION: 1}, "nothing moved"
+    assert TAG_PROMOTION not in client.get_model_version(NAME, "2").tags, "no decision recorded"
 
 
 # ----------------------------------------------------------------------------- what the gate decides
@@ -184,16 +247,16 @@ def test_other_data_versions_are_refused_unless_allowed(versions, reg):
 def test_a_first_champion_must_reach_min_score_and_beat_the_constant_predictor(versions, reg):
     run_id = versions(3)
     _calibrated(run_id, 1, 0.08)
-    weak = registry.promote(reg, version=1)
+    weak = promotion.promote(reg, version=1)
     assert weak["promoted"] is False and weak["reason"] == ("not promoted: no champion yet, and out-of-fold "
                                                             "kaggle_f1 0.0800 is below registry.min_score 0.1")
     assert registry.aliases(NAME) == {CHALLENGER: 1}
     _calibrated(run_id, 2, 0.3, trivial=0.3)
-    trivial = registry.promote(reg, version=2)
+    trivial = promotion.promote(reg, version=2)
     assert trivial["promoted"] is False and "does not beat the constant predictor's (0.3000)" in trivial["reason"]
     assert registry.aliases(NAME) == {CHALLENGER: 2}
     _calibrated(run_id, 3, 0.35, trivial=0.3)
-    first = registry.promote(reg, version=3)
+    first = promotion.promote(reg, version=3)
     assert first["promoted"] is True and first["reason"].startswith("promoted: no champion yet; out-of-fold")
     assert first["champion_before"] is None and first["champion_after"] == 3 and first["floor"] == 0.3
     assert registry.aliases(NAME) == {CHALLENGER: 3, CHAMPION: 3}
@@ -203,16 +266,16 @@ def test_a_challenger_must_beat_the_champion_by_the_margin(versions, reg):
     run_id = versions(3)
     for v, score in ((1, 0.40), (2, 0.404), (3, 0.45)):
         _calibrated(run_id, v, score, slices=10 + v)
-    registry.promote(reg, version=1)
-    close = registry.promote(reg, version=2)
+    promotion.promote(reg, version=1)
+    close = promotion.promote(reg, version=2)
     assert close["promoted"] is False
     assert close["reason"] == ("not promoted: out-of-fold kaggle_f1 0.4040 vs champion v1 0.4000: does not beat it "
                                "by 0.005")
     assert registry.aliases(NAME) == {CHALLENGER: 2, CHAMPION: 1}
-    better = registry.promote(reg)  # the newest: v3
+    better = promotion.promote(reg)  # the newest: v3
     assert better["promoted"] is True and better["champion_before"] == 1 and better["champion_after"] == 3
     assert registry.aliases(NAME) == {CHALLENGER: 3, CHAMPION: 3}
-    same = registry.promote(reg, version=3)
+    same = promotion.promote(reg, version=3)
     assert same["promoted"] is False and "already the champion" in same["reason"]
     recorded = _recorded(3)  # the last decision on v3
     assert recorded["reason"] == "not promoted: version 3 is already the champion"
@@ -225,12 +288,12 @@ def test_a_challenger_must_beat_the_champion_by_the_margin(versions, reg):
 
 def test_the_gate_compares_the_promotion_metric(versions, params):
     reg = params.override({"registry.promotion_metric": "dice_ggo", "registry.min_score": 0.1,
-                           "registry.min_eval_slices": 3, "registry.lock_settle_s": 1.0}).registry
+                           "registry.min_eval_slices": 3}).registry
     run_id = versions(2)
     _calibrated(run_id, 1, 0.5, dice_ggo=0.3)
     _calibrated(run_id, 2, 0.4, dice_ggo=0.6)  # worse kaggle_f1, better Dice
-    assert registry.promote(reg, version=1)["promoted"]
-    decision = registry.promote(reg, version=2)
+    assert promotion.promote(reg, version=1)["promoted"]
+    decision = promotion.promote(reg, version=2)
     assert decision["promoted"] and decision["metric"] == "dice_ggo" and decision["champion_score"] == 0.3
 
 
@@ -238,13 +301,13 @@ def test_roll_back_by_hand_needs_a_version(versions, reg, params):
     run_id = versions(2)
     _calibrated(run_id, 1, 0.5)
     _calibrated(run_id, 2, 0.6)
-    registry.promote(reg, version=1)
-    registry.promote(reg, version=2)
-    decision = registry.set_champion(reg, 1)
+    promotion.promote(reg, version=1)
+    promotion.promote(reg, version=2)
+    decision = promotion.set_champion(reg, 1)
     assert decision["champion_before"] == 2 and registry.aliases(NAME)[CHAMPION] == 1
     assert _recorded(1)["reason"] == "set by hand: champion v2 -> v1"
     with pytest.raises(CovsegError, match="--force needs --version"):
-        registry.run_promotion(reg, params.tracking, None, force=True)
+        promotion.run_promotion(reg, params.tracking, None, force=True)
 
 
 def test_promote_prints_both_out_of_fold_scores(versions, tmp_path, capsys):
@@ -278,9 +341,9 @@ def test_gate_and_roll_back_refuse_a_version_that_is_not_there(versions, reg, ve
     _calibrated(run_id, 1, 0.5)
     _calibrated(run_id, 2, 0.9)
     with pytest.raises(CovsegError, match=message):
-        registry.promote(reg, version=version)
+        promotion.promote(reg, version=version)
     with pytest.raises(CovsegError, match=message):
-        registry.set_champion(reg, version)
+        promotion.set_champion(reg, version)
     assert registry.aliases(NAME) == {}, "nothing moved"
 
 
@@ -304,9 +367,9 @@ def test_promote_names_a_wrong_version_in_one_line(versions, capsys, args, messa
 def test_a_model_without_versions_says_so(versions, reg):
     versions(0)
     with pytest.raises(CovsegError, match=r"^model covseg-unet has no version 3 \(it has none yet"):
-        registry.promote(reg, version=3)
+        promotion.promote(reg, version=3)
     with pytest.raises(CovsegError, match=r"^registered model 'covseg-unet' has no versions yet"):
-        registry.promote(reg)
+        promotion.promote(reg)
 
 
 # ----------------------------------------------------------------------------- compare-and-set
@@ -318,16 +381,16 @@ def test_a_champion_that_moves_while_deciding_is_compared_again(versions, reg, m
     run_id = versions(3)
     for v, score in ((1, 0.5), (2, 0.9), (3, 0.6)):
         _calibrated(run_id, v, score)
-    registry.promote(reg, version=1)
-    read = registry.out_of_fold
+    promotion.promote(reg, version=1)
+    read = promotion.out_of_fold
 
     def moved_meanwhile(name, version):
         if version == 1:  # the champion's tags are read: the other promotion lands now
             MlflowClient().set_registered_model_alias(NAME, CHAMPION, 2)
         return read(name, version)
 
-    monkeypatch.setattr(registry, "out_of_fold", moved_meanwhile)
-    decision = registry.promote(reg, version=3)
+    monkeypatch.setattr(promotion, "out_of_fold", moved_meanwhile)
+    decision = promotion.promote(reg, version=3)
     assert decision["promoted"] is False and decision["rounds"] == 2 and decision["champions_seen"] == [1, 2]
     assert decision["champion_before"] == 2 and decision["champion_score"] == 0.9
     assert registry.aliases(NAME) == {CHALLENGER: 3, CHAMPION: 2}
@@ -337,19 +400,19 @@ def test_a_champion_that_keeps_moving_changes_nothing(versions, reg, monkeypatch
     run_id = versions(3)
     for v, score in ((1, 0.5), (2, 0.5), (3, 0.9)):
         _calibrated(run_id, v, score)
-    registry.promote(reg, version=1)
-    read = registry.out_of_fold
+    promotion.promote(reg, version=1)
+    read = promotion.out_of_fold
 
     def always_moving(name, version):
         if version in (1, 2):  # each time the champion is read, another promotion swaps it
             MlflowClient().set_registered_model_alias(NAME, CHAMPION, 3 - version)
         return read(name, version)
 
-    monkeypatch.setattr(registry, "out_of_fold", always_moving)
-    monkeypatch.setattr(registry, "MAX_ROUNDS", 3)
+    monkeypatch.setattr(promotion, "out_of_fold", always_moving)
+    monkeypatch.setattr(promotion, "MAX_ROUNDS", 3)
     with pytest.raises(CovsegError, match=r"^covseg-unet: the champion moved 3 times while v3 was being compared "
                                           r"\(v1 -> v2 -> v1\).*nothing changed"):
-        registry.promote(reg, version=3)
+        promotion.promote(reg, version=3)
     assert registry.aliases(NAME)[CHALLENGER] == 1 and TAG_PROMOTION not in \
         MlflowClient().get_model_version(NAME, "3").tags, "v3 was neither made challenger nor recorded"
 
@@ -362,7 +425,7 @@ def _race(reg, challengers):
     def one(v):
         start.wait()
         try:
-            results[v] = registry.promote(reg, version=v)
+            results[v] = promotion.promote(reg, version=v)
         except Exception as exc:
             results[v] = exc
     threads = [threading.Thread(target=one, args=(v,)) for v in challengers]
@@ -380,14 +443,14 @@ def test_two_promotions_at_once_leave_the_better_champion(versions, reg, monkeyp
     run_id = versions(3)
     for v, score in ((1, 0.5), (2, 0.9), (3, 0.6)):
         _calibrated(run_id, v, score)
-    registry.promote(reg, version=1)
-    read = registry.out_of_fold
+    promotion.promote(reg, version=1)
+    read = promotion.out_of_fold
 
     def slow_read(name, version):
         time.sleep(1.5 if version == slow else 0)
         return read(name, version)
 
-    monkeypatch.setattr(registry, "out_of_fold", slow_read)
+    monkeypatch.setattr(promotion, "out_of_fold", slow_read)
     results = _race(reg, [2, 3])
     assert not [r for r in results.values() if isinstance(r, Exception)], results
     final = registry.aliases(NAME)[CHAMPION]
@@ -401,75 +464,22 @@ def test_two_promotions_at_once_leave_the_better_champion(versions, reg, monkeyp
     else:  # v3 set first, then v2 beat v3
         assert d3["promoted"] and d3["champion_before"] == 1 and d2["champion_before"] == 3
         assert d2["champions_seen"] == [1, 3]
-    assert TAG_PROMOTION_LOCK not in MlflowClient().get_registered_model(NAME).tags, "lock released"
+    with locks.promotion_lock(NAME, 0, 60):  # released: taken at once
+        pass
 
 
-def test_lock_waits_for_its_holder_then_gives_up_naming_it(versions, reg):
-    versions(1)
-    holder = registry.lock_for(reg)
-    holder.acquire()
-    waiter = registry.PromotionLock(NAME, 60, 0.5, 0.1)
-    with pytest.raises(CovsegError, match=r"could not take the promotion lock .* within registry.lock_wait_s "
-                                          r"0.5s: held by .* pid"):
-        waiter.acquire()
-    holder.release()
-    waiter.acquire()
-    waiter.release()
-
-
-def test_an_expired_lease_is_taken_over_and_its_holder_cannot_move_the_champion(versions, reg):
-    versions(1)
-    # settle_s 1: a registry round trip on a loaded machine stays under settle_s / 2 (the lock's own rule)
-    stale = registry.PromotionLock(NAME, 2.5, 10, 1.0)
-    stale.acquire()
-    time.sleep(2.6)  # its lease ran out (a crashed promotion)
-    fresh = registry.PromotionLock(NAME, 60, 10, 1.0)
-    fresh.acquire()
-    with pytest.raises(registry.LockLost):
-        stale.confirm()
-    stale.release()  # not its lock any more: leaves it alone
-    fresh.confirm()
-    fresh.release()
-
-
-def test_a_late_lock_write_never_lets_its_writer_in_beside_the_holder(versions, reg):
-    """A's tag write lands after B took the lease (a registry round trip slower than settle_s / 2): A backs
-    off, and must not then take its own late tag for a free lock while B holds the lease."""
-    versions(1)
-    late = registry.PromotionLock(NAME, 60, 1.5, 0.2)
-    holder = registry.PromotionLock(NAME, 60, 5, 0.2)
-    write = late.client.set_registered_model_tag
-    taken = threading.Event()
-
-    def slow_write(*args):
-        taken.wait(10)  # the write is in flight while B takes the lease
-        write(*args)
-
-    late.client.set_registered_model_tag = slow_write
-    read, has_read = late._read, threading.Event()
-
-    def first_read():
-        held = read()
-        has_read.set()
-        return held
-
-    late._read = first_read
-    thread = threading.Thread(target=holder.acquire)
-    failure = []
-
-    def contend():
-        try:
-            late.acquire()
-        except CovsegError as error:
-            failure.append(error)
-
-    contender = threading.Thread(target=contend)
-    contender.start()
-    assert has_read.wait(10)  # A has read the lock free and is writing
-    thread.start()
-    thread.join()
-    taken.set()  # B holds the lease; A's write lands on top of it
-    contender.join()
-    assert failure and "could not take the promotion lock" in str(failure[0]), "both would hold the lock"
-    with pytest.raises(registry.LockLost):
-        holder.confirm()  # B sees its lease overwritten: it moves nothing
+def test_a_promotion_that_cannot_take_the_lock_changes_nothing(versions, params):
+    reg = params.override({"registry.min_eval_slices": 3, "registry.min_score": 0.1,
+                           "registry.lock_wait_s": 0.3}).registry
+    run_id = versions(1)
+    _calibrated(run_id, 1, 0.5)
+    busy = (r"^covseg-unet: could not take the promotion lock \(file lock .*\.lock\) within registry\.lock_wait_s "
+            r"0\.3s: another promotion holds it; nothing changed$")
+    with locks.promotion_lock(NAME, 0, 60):  # another promotion holds it
+        with pytest.raises(CovsegError, match=busy):
+            promotion.promote(reg, version=1)
+        with pytest.raises(CovsegError, match=busy):
+            promotion.set_champion(reg, 1)
+    assert registry.aliases(NAME) == {} and TAG_PROMOTION not in MlflowClient().get_model_version(NAME, "1").tags
+    assert promotion.promote(reg, version=1)["promoted"], "once it is released"
+    assert registry.aliases(NAME) == {CHALLENGER: 1, CHAMPION: 1}

@@ -63,7 +63,6 @@ CHALLENGER, CHAMPION = "challenger", "champion"
 TAG_TRAIN_SLICES, TAG_TRAIN_SLICES_SHA256, TAG_TRAIN_SLICES_COUNT = (
     "train_slice_ids", "train_slices_sha256", "train_slices_count")
 TRAINING_SLICES_FILE = "training_slices.json"
-TAG_PROMOTION_LOCK = "promotion_lock"  # a registered-model tag: the lease of the promotion in progress
 
 # The registry model's one data file, a weights-only checkpoint (covseg.model.save_checkpoint; covseg.modelstore).
 MODEL_CHECKPOINT_FILE = "checkpoint.pt"
