@@ -47,7 +47,8 @@ def test_dvc_remote_and_mlflow_artifacts_on_s3(new_project, sh, s3_endpoint, tmp
         os.environ[ENV_TRACKING_URI] = uri  # restored by conftest's fixture
         # the README's order: the recipe's calibration, the pipeline, the champion (by hand: tiny params learn
         # too little for the gate's registry.min_score)
-        sh("covseg cv && covseg calibrate --cv reports/cv/default && dvc repro && covseg promote --version 1 --force",
+        sh("covseg cv && covseg calibrate --cv reports/cv/default && dvc repro && covseg register && "
+           "covseg promote --version 1 --force",
            project)
         assert json.loads((project / PATHS.metrics).read_text())["calibrated"] is True
         sh("git add -A && git commit -qm 'tiny run'", project)
@@ -77,7 +78,7 @@ def test_dvc_remote_and_mlflow_artifacts_on_s3(new_project, sh, s3_endpoint, tmp
 
     # the artifacts (the model's checkpoint, the run's reports) are in the bucket, none on local disk
     keys = _keys(s3_endpoint, "mlflow/")
-    assert any(k.endswith("/artifacts/checkpoint.pt") for k in keys), keys
+    assert any(k.endswith("/artifacts/data/checkpoint.pt") for k in keys), keys
     assert any(k.endswith("/validation.json") for k in keys), keys
     assert any(k.endswith("/cv/fold1.npz") for k in keys), "a fold's held-out logits, where the flows collect them"
     assert not (tmp_path / "artifacts").exists() and not (project / PATHS.mlflow_artifacts).exists()
