@@ -32,6 +32,29 @@ def test_a_checkpoint_of_a_network_this_version_does_not_build_is_one_error_nami
         load_checkpoint(tmp_path / "residual.pt")
 
 
+@pytest.mark.parametrize("change, problem", [
+    ({"config": {"base_channels": 256, "depth": 7}}, r"weights do not fit .*size mismatch"),  # 2 GB claimed
+    ({"config": {"base_channels": 100000}}, r"config base_channels = 100000 is not a whole number in 1\.\.256"),
+    ({"config": {"num_classes": 9}}, r"config num_classes = 9 is not a whole number in 4\.\.4"),
+    ({"members": True}, r"'members' = True is not an ensemble size"),
+    ({"scale": 50.0}, r"'scale' = 50\.0 is not in \(0, 1\]"),
+    ({"scale": float("nan")}, r"'scale' = nan is not in"),
+    ({"class_bias": [1e9, 0, 0, 0]}, r"inference choices .* are not 4 offsets"),
+    ({"min_island": -1}, r"inference choices .* are not 4 offsets"),
+    ({"state_dict": None}, r"no state_dict of weights"),
+])
+def test_a_checkpoint_is_data_checked_before_a_network_is_built(tmp_path, change, problem):
+    """A registry version's checkpoint decides no size: its facts are checked, and the network is built on
+    meta tensors and takes the file's weights, so a small file cannot claim gigabytes."""
+    save_checkpoint(Segmenter(UNet(base_channels=4, depth=2)), tmp_path / "m.pt")
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
+    if "config" in change:
+        change = {**change, "config": {**ckpt["config"], **change["config"]}}
+    torch.save({**ckpt, **change}, tmp_path / "bad.pt")
+    with pytest.raises(CovsegError, match=problem):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
 def test_predict_at_half_scale_returns_full_size(tmp_path):
     torch.manual_seed(0)
     model = Segmenter(UNet(base_channels=4, depth=2), scale=0.5)

@@ -492,6 +492,12 @@ GOOD = {"loader_module": "covseg.serving", "code": None, "streamable": False, "d
     ({"python_function": {**GOOD, "model_config": {"device": "cpu"}}}, r"key 'model_config'"),
     ({"python_function": {**GOOD, "streamable": True}}, r"streamable True \(covseg logs False\)"),
     ({"python_function": GOOD, "pytorch": {"pickle_module_name": "pickle"}}, r"other flavors \['pytorch'\]"),
+    ({"python_function": {**GOOD, 1: "a", "b": "c"}}, r"key 1; key 'b'"),  # keys of mixed types: no crash
+    # a "billion laughs" MLmodel: aliases are refused before anything expands them
+    ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nflavors: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n",
+     r"no readable MLmodel \(YAML aliases are not allowed"),
+    ("flavors: {}\n" + "#" * 70_000, r"its MLmodel is larger than 65536 bytes"),
 ])
 def test_check_form_refuses_anything_but_covseg_form_in_one_error(tmp_path, flavors, problem):
     """check_form reads the MLmodel as data: whatever it holds, a CovsegError naming the problem, never a crash."""
@@ -500,6 +506,18 @@ def test_check_form_refuses_anything_but_covseg_form_in_one_error(tmp_path, flav
     with pytest.raises(CovsegError, match=rf"^bad.*{problem}") as refused:
         modelstore.check_form(_mlmodel(tmp_path / "bad", flavors), "bad")
     assert "`covseg register`" in str(refused.value) or "no readable MLmodel" in str(refused.value)
+
+
+def test_only_the_mlmodel_and_the_checkpoint_are_downloaded(mlflow_store, tmp_path):
+    """A version's other artifacts (here a large file beside covseg's) are never fetched: fetch lists the
+    artifact, downloads the MLmodel, checks it, then downloads the checkpoint it names (within size caps)."""
+    _, version, _ = log_and_register(tiny_model())  # covseg's form
+    uri = f"models:/{NAME}/{version}"
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "all")))
+    assert (local / "requirements.txt").is_file(), "the version has more than covseg reads"
+    fetched = modelstore.fetch(uri, tmp_path / "fetched")
+    assert sorted(str(f.relative_to(fetched)) for f in fetched.rglob("*") if f.is_file()) == [
+        "MLmodel", f"data/{MODEL_CHECKPOINT_FILE}"]
 
 
 def test_check_form_refuses_a_checkpoint_that_links_outside(tmp_path):

@@ -24,7 +24,7 @@ import torch
 from covseg.atomic import write_json
 from covseg.errors import CovsegError
 from covseg.evaluation import confusion_matrix, dice_metrics, summary_metrics, trivial_score
-from covseg.model import Segmenter, remove_islands
+from covseg.model import Segmenter, remove_islands, valid_choices
 from covseg.modelstore import is_model_uri, load
 from covseg.names import CV_METRICS, DICE, KAGGLE_F1, NUM_CLASSES, SCORED, SHORT
 from covseg.params import Calibrate
@@ -64,12 +64,7 @@ def read(path: str | Path) -> dict:
 def check_choices(choices, where: str) -> dict:
     """`choices` when they are what `apply` takes (data, checked); else one CovsegError naming `where`."""
     ok = (isinstance(choices, dict) and set(choices) == set(NEUTRAL)
-          and isinstance(choices["class_bias"], list) and len(choices["class_bias"]) == NUM_CLASSES
-          and all(isinstance(b, (int, float)) and not isinstance(b, bool) and abs(b) <= 10
-                  for b in choices["class_bias"])
-          and isinstance(choices["tta"], bool)
-          and isinstance(choices["min_island"], int) and not isinstance(choices["min_island"], bool)
-          and 0 <= choices["min_island"] <= 1 << 20)
+          and valid_choices(choices["class_bias"], choices["tta"], choices["min_island"]))
     if not ok:
         raise CovsegError(f"{where}: choices {choices!r} are not {{'class_bias': [{NUM_CLASSES} numbers in -10..10], "
                           f"'tta': true|false, 'min_island': pixels}}")

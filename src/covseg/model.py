@@ -195,23 +195,63 @@ def require_safe_torch_load() -> None:
                           f"bypass): covseg loads no weights with it; install torch>=2.6")
 
 
+def valid_choices(class_bias, tta, min_island) -> bool:
+    """Inference choices a Segmenter takes: NUM_CLASSES offsets in -10..10, a bool, whole pixels."""
+    return (isinstance(class_bias, list) and len(class_bias) == NUM_CLASSES
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and abs(b) <= 10 for b in class_bias)
+            and isinstance(tta, bool)
+            and isinstance(min_island, int) and not isinstance(min_island, bool) and 0 <= min_island <= 1 << 20)
+
+
+def _config_problem(config) -> str | None:
+    """What is wrong with a checkpoint's network config (data from the file), or None."""
+    if not isinstance(config, dict) or not set(config) <= NETWORK_CONFIG:
+        extra = sorted(map(str, set(config) - NETWORK_CONFIG)) if isinstance(config, dict) else type(config).__name__
+        return (f"a network config this version of covseg does not build ({extra}; it builds "
+                f"{', '.join(sorted(NETWORK_CONFIG))}): retrain it, or load it with the covseg that wrote it")
+    bounds = {"in_channels": (1, 1), "num_classes": (NUM_CLASSES, NUM_CLASSES), "base_channels": (1, 256),
+              "depth": (1, 7)}
+    for key, (low, high) in bounds.items():
+        value = config.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            return f"config {key} = {value!r:.40} is not a whole number in {low}..{high}"
+    if config.get("norm", "batch") not in ("batch", "instance", "none"):
+        return f"config norm = {config.get('norm')!r:.40} is not batch, instance or none"
+    return None
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
-    """A checkpoint written by save_checkpoint; weights only, nothing is unpickled."""
+    """A checkpoint written by save_checkpoint; weights only, nothing is unpickled. Its facts are data, checked
+    before use; the network is built without memory (meta tensors) and takes the file's tensors, so the memory
+    a checkpoint can claim is bounded by its size."""
     require_safe_torch_load()
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    n = ckpt.get("members", 1)
-    if not isinstance(n, int) or not 1 <= n <= MAX_MEMBERS:
-        raise CovsegError(f"{path}: 'members' = {n!r} is not an ensemble size (1..{MAX_MEMBERS})")
-    config = ckpt.get("config")
-    if not isinstance(config, dict) or not set(config) <= NETWORK_CONFIG:
-        extra = sorted(set(config) - NETWORK_CONFIG) if isinstance(config, dict) else config
-        raise CovsegError(f"{path}: a network config this version of covseg does not build ({extra!r}; "
-                          f"it builds {', '.join(sorted(NETWORK_CONFIG))}): retrain it, or load it with the "
-                          f"covseg that wrote it")
-    unet = UNet(**config) if n == 1 else Ensemble([UNet(**config) for _ in range(n)])
-    unet.load_state_dict(ckpt["state_dict"])
-    model = Segmenter(unet, ckpt["scale"], ckpt.get("tta", False), ckpt.get("min_island", 0),
-                      ckpt.get("class_bias"))
+    if not isinstance(ckpt, dict):
+        raise CovsegError(f"{path}: not a covseg checkpoint (a {type(ckpt).__name__}, not a dict of facts)")
+    n, config, scale = ckpt.get("members", 1), ckpt.get("config"), ckpt.get("scale")
+    tta, min_island = ckpt.get("tta", False), ckpt.get("min_island", 0)
+    class_bias = ckpt.get("class_bias") or [0.0] * NUM_CLASSES
+    problem = _config_problem(config)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_MEMBERS:
+        problem = f"'members' = {n!r:.40} is not an ensemble size (1..{MAX_MEMBERS})"
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+        problem = f"'scale' = {scale!r:.40} is not in (0, 1]"
+    elif not valid_choices(class_bias, tta, min_island):
+        problem = (f"inference choices (class_bias {class_bias!r:.80}, tta {tta!r:.10}, min_island {min_island!r:.20}) "
+                   f"are not {NUM_CLASSES} offsets in -10..10, true|false and whole pixels")
+    if problem:
+        raise CovsegError(f"{path}: {problem}")
+    with torch.device("meta"):
+        unet = UNet(**config) if n == 1 else Ensemble([UNet(**config) for _ in range(n)])
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        raise CovsegError(f"{path}: no state_dict of weights")
+    try:
+        unet.load_state_dict(state, assign=True)
+    except RuntimeError as e:
+        raise CovsegError(f"{path}: its weights do not fit its network config ({str(e).splitlines()[0][:200]}; "
+                          f"{str(e).splitlines()[-1].strip()[:200]})") from None
+    model = Segmenter(unet, float(scale), tta, min_island, class_bias)
     return model.to(device).eval(), ckpt
 
 
