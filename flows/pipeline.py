@@ -191,7 +191,7 @@ def run_pipeline(work: Path, overrides: list[str], name: str, uri: str) -> dict:
     return {**metrics, "pipeline_seconds": time.time() - start, "pipeline_start": start, "pipeline_end": time.time()}
 
 
-@task
+@task(retries=2, retry_delay_seconds=10)
 def register_model(work: Path, uri: str) -> dict:
     """`covseg register` after the pipeline, as a user types it: the version it registered (model_version,
     mlflow_run_id, new, calibrated)."""
@@ -320,6 +320,7 @@ def train(overrides: list[str] | None = None, repo: str | None = None, promote: 
             run_calibrate(work, work.parent / "cv", overrides, folds[0]["recipe"])
         result = run_pipeline(work, overrides, name, uri)
         t_end = result.pop("pipeline_end")
+        push_results(work, name)  # the experiment is kept whatever happens to its registration
         result.update(register_model(work, uri))
         if promote and result.get("calibrated"):
             result["promotion"] = promotion_gate(work, result["model_version"], uri, allow_data_change)
@@ -328,7 +329,6 @@ def train(overrides: list[str] | None = None, repo: str | None = None, promote: 
                 f"not sent to the gate: calibration.json has no entry for recipe key {result.get('recipe_key')}, "
                 f"so the version has no out-of-fold scores; run the cross_validate flow with these overrides, "
                 f"commit calibration.json, then train again")}
-        push_results(work, name)
     result.update(experiment=name, overrides=overrides,
                   overhead_before_pipeline_s=result.pop("pipeline_start") - t0,
                   overhead_after_pipeline_s=time.time() - t_end)

@@ -209,8 +209,8 @@ def test_train_refuses_another_repository(fake_pipeline, tmp_path):
 def test_train_runs_pipeline_promotes_and_pushes(fake_pipeline):
     result = pipeline.train(overrides=["train.epochs=2"])
     calls = fake_pipeline.calls
-    assert [c[0] for c in calls] == ["clone", "pull", "dvc exp run", "register", "promote", "push"]
-    assert calls[2] == ("dvc exp run", ["train.epochs=2"]) and calls[4] == ("promote", 7)
+    assert [c[0] for c in calls] == ["clone", "pull", "dvc exp run", "push", "register", "promote"]
+    assert calls[2] == ("dvc exp run", ["train.epochs=2"]) and calls[5] == ("promote", 7)
     assert result["kaggle_f1"] == 0.5 and result["promotion"]["reason"] == "promoted: test"
 
 
@@ -237,7 +237,7 @@ def test_nightly_retrains_on_new_data_and_lets_the_gate_compare_across_data_vers
     pipeline.train(**nightly["parameters"])
     assert ("promote", 7, "allow_data_change") in fake_pipeline.calls
     pipeline.train()
-    assert fake_pipeline.calls[-2] == ("promote", 7), "other runs: the gate refuses a data change"
+    assert fake_pipeline.calls[-1] == ("promote", 7), "other runs: the gate refuses a data change"
 
 
 def test_cv_fold_runs_covseg_cv_in_a_working_copy_and_publishes_its_record(fake_pipeline, monkeypatch):
@@ -396,7 +396,7 @@ def test_sweep_in_this_process_trains_the_best_calibrated_from_its_folds(fake_pi
     assert args == ["calibrate", "--cv", str(fake_pipeline.work.parent / "cv"), "-S", "train.lr=0.002"]
     assert cwd == fake_pipeline.work
     assert [c[0] for c in fake_pipeline.calls[-12:]] == ["clone", "pull", *["collect"] * FOLDS, "covseg",
-                                                         "dvc exp run", "register", "promote", "push"]
+                                                         "dvc exp run", "push", "register", "promote"]
     assert fake_pipeline.kinds("dvc exp run") == [("dvc exp run", ["train.lr=0.002"])]
 
 

@@ -82,6 +82,19 @@ def file_env(tmp_path):
     return env
 
 
+def test_a_shared_store_without_prefect_warns_that_the_lock_is_this_machines_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(ENV_TRACKING_URI, "http://127.0.0.1:5000")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(locks, "prefect_api_url", lambda: None)
+    with locks.promotion_lock(MODEL, wait_s=1, lease_s=60):
+        assert list((tmp_path / "cache" / "covseg" / "locks").glob(".covseg-promotion-*.lock"))
+    assert "excludes promotions on this machine only; set PREFECT_API_URL" in capsys.readouterr().err
+    monkeypatch.setenv(ENV_TRACKING_URI, f"sqlite:///{tmp_path}/mlflow.db")  # the embedded store: no warning
+    with locks.promotion_lock(MODEL, wait_s=1, lease_s=60):
+        pass
+    assert capsys.readouterr().err == ""
+
+
 def _intervals(*holders) -> list[tuple[float, float]]:
     return sorted((h.lines()["start"][0], h.lines()["end"][0]) for h in holders)
 

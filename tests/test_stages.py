@@ -138,6 +138,14 @@ def test_register_refuses_a_model_it_cannot_trace(pipeline, tiny_params, tmp_pat
     with pytest.raises(CovsegError, match="run `dvc repro` first, then register"):
         register.run(PATHS.model, root / "other.json", PATHS.calibration, PATHS.processed, tiny_params.registry,
                      tiny_params.tracking)
+    inflated = json.loads((root / PATHS.metrics).read_text()) | {"kaggle_f1": 0.99}  # metrics.json edited by hand
+    (root / "inflated.json").write_text(json.dumps(inflated))
+    with pytest.raises(CovsegError, match="does not hold the out-of-fold scores calibration.json holds"):
+        register.run(PATHS.model, root / "inflated.json", PATHS.calibration, PATHS.processed, tiny_params.registry,
+                     tiny_params.tracking)
+    (root / PATHS.dvc_file).write_text("outs:\n- md5: 4567ef.dir\n  path: data/raw\n")  # other data checked out
+    with pytest.raises(CovsegError, match="trained on data version 0123abcd.dir, but data.dvc records 4567ef.dir"):
+        register_model(tiny_params)
 
 
 def test_a_held_out_fold_is_scored_with_the_calibrated_choices(tmp_path, tiny_raw, tiny_params, mlflow_store,

@@ -99,6 +99,16 @@ def load_calibrated(spec: str | Path, calibration_file: str | Path, device="cpu"
     return apply(net, choices), ckpt
 
 
+def oof_metrics(entry: dict | None) -> dict:
+    """The recipe's nested out-of-fold scores of a calibration entry, as metrics (mean and _std of each
+    measure, the slices and folds they come from, the constant predictor's kaggle_f1 on them); {} without."""
+    if entry is None:
+        return {}
+    oof = entry["oof"]
+    return {**{m: oof[f"{m}_mean"] for m in CV_METRICS}, **{f"{m}_std": oof[f"{m}_std"] for m in CV_METRICS},
+            "oof_slices": oof["slices"], "oof_folds": oof["folds"], f"trivial_{KAGGLE_F1}": oof[f"trivial_{KAGGLE_F1}"]}
+
+
 # ------------------------------------------------------------------------------ scoring choices
 
 

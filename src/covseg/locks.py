@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
@@ -46,6 +47,11 @@ def prefect_api_url() -> str | None:
     return get_current_settings().api.url
 
 
+def local_locks() -> Path:
+    """The per-user folder of locks that exclude promotions on this machine only."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "covseg" / "locks"
+
+
 def lock_dir(uri: str | None = None) -> Path:
     """The folder of the embedded MLflow store at `uri` (default: covseg's tracking URI), else a per-user one."""
     if uri is None:
@@ -58,8 +64,7 @@ def lock_dir(uri: str | None = None) -> Path:
         return Path(uri.removeprefix("sqlite:///").partition("?")[0]).resolve().parent
     if parsed.scheme == "file" or (parsed.scheme == "" and uri):
         return Path(unquote(parsed.path) if parsed.scheme else uri).resolve().parent
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "covseg" / "locks"
+    return local_locks()
 
 
 def _busy(model_name: str, where: str, wait_s: float) -> CovsegError:
@@ -78,24 +83,35 @@ def promotion_lock(model_name: str, wait_s: float, lease_s: float) -> Iterator[N
             _ensure_limit(name)
             # strict: a limit that vanished is an error, not a free pass; renewal failure cancels the holder
             # (a timeout of 0 would time out before the first try: wait_s 0 waits 1 s)
+            from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+
             taking = concurrency(name, timeout_seconds=max(wait_s, 1.0), strict=True,
                                  lease_duration=max(lease_s, PREFECT_MIN_LEASE_S))
             where = f"(Prefect global concurrency limit {name})"
             gave_up = TimeoutError
+            failed = ConcurrencySlotAcquisitionError  # the server went away, or the limit was deleted
         else:
             from filelock import FileLock, Timeout
 
             folder = lock_dir()
+            if folder == local_locks():  # an MLflow server shared with other machines, and no Prefect to lock on
+                print(f"covseg: warning: no Prefect API configured: the promotion lock is a file in {folder} and "
+                      f"excludes promotions on this machine only; set PREFECT_API_URL to the team's Prefect server",
+                      file=sys.stderr)
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f".{name}.lock"
             # never a soft (file exists) lock: a dead holder's would stay
             taking = FileLock(path, timeout=wait_s, fallback_to_soft=False)
             where = f"(file lock {path})"
             gave_up = Timeout
+            failed = OSError
         try:
             held.enter_context(taking)
         except gave_up:
             raise _busy(model_name, where, wait_s) from None
+        except failed as error:
+            raise CovsegError(f"{model_name}: the promotion lock {where} could not be taken ({error}); "
+                              f"nothing changed") from None
         yield
 
 

@@ -185,7 +185,7 @@ class Registry(Section):
     promotion_margin: float = Field(ge=0, le=1)
     min_score: float = Field(ge=0, le=1)
     min_eval_slices: int = Field(ge=1)
-    lock_lease_s: float = Field(ge=60)  # Prefect's shortest lease of a concurrency slot
+    lock_lease_s: float = Field(ge=60, le=86400)  # Prefect's shortest and longest lease of a slot
     lock_wait_s: float = Field(ge=0)
 
 

@@ -13,22 +13,11 @@ from covseg.atomic import atomic_output, write_json
 from covseg.evaluation import dice_metrics, per_slice_table, score_model, summary_metrics, trivial_kaggle_f1
 from covseg.model import load_checkpoint, pick_device
 from covseg.names import (
-    CV_METRICS,
     KAGGLE_F1,
     SHORT,
 )
 from covseg.params import Evaluate, Tracking
 from covseg.preprocessing import load_processed, load_split
-
-
-def oof_metrics(entry: dict | None) -> dict:
-    """The recipe's nested out-of-fold scores of a calibration entry, as metrics (mean and _std of each
-    measure, the slices and folds they come from, the constant predictor's kaggle_f1 on them); {} without."""
-    if entry is None:
-        return {}
-    oof = entry["oof"]
-    return {**{m: oof[f"{m}_mean"] for m in CV_METRICS}, **{f"{m}_std": oof[f"{m}_std"] for m in CV_METRICS},
-            "oof_slices": oof["slices"], "oof_folds": oof["folds"], f"trivial_{KAGGLE_F1}": oof[f"trivial_{KAGGLE_F1}"]}
 
 
 def run(data: str | Path, model: str | Path, history: str | Path, validation: str | Path,
@@ -48,8 +37,9 @@ def run(data: str | Path, model: str | Path, history: str | Path, validation: st
     choices, entry = calibration.choices_for(calibration_file, key, f"the model {model}")
     net = calibration.apply(net, choices)
     split = load_split(data)
-    metrics = {"calibrated": entry is not None, **oof_metrics(entry), "train_slices": len(split["train_slice_ids"]),
-               "epoch": int(ckpt.get("epoch", 0)), "recipe_key": key, **{f"choice_{k}": v for k, v in choices.items()}}
+    metrics = {"calibrated": entry is not None, **calibration.oof_metrics(entry),
+               "train_slices": len(split["train_slice_ids"]), "epoch": int(ckpt.get("epoch", 0)), "recipe_key": key,
+               **{f"choice_{k}": v for k, v in choices.items()}}
     images, labels = load_processed(data, "val")
 
     with atomic_output(out, directory=True) as staging:

@@ -18,6 +18,7 @@ from covseg.names import (
     PATHS,
     TAG_CALIBRATED,
     TAG_CHOICES,
+    TAG_DATA_VERSION,
     TAG_OOF_FOLDS,
     TAG_OOF_SLICES,
     TAG_OOF_TRIVIAL,
@@ -63,14 +64,26 @@ def run(model: str | Path, metrics_path: str | Path, calibration_file: str | Pat
         raise CovsegError(f"{metrics_path} is not evaluate's measure of {model} with the choices {calibration_file} "
                           f"holds for it (run {metrics.get('mlflow_run_id')} vs {run_id}, recipe key "
                           f"{metrics.get('recipe_key')} vs {key}): run `dvc repro` first, then register")
-    tags = version_tags(metrics, key)
-    with tracking.resume(run_id, trk.experiment):
+    # the scores come from the calibration file, never from metrics.json alone (a file anyone can edit)
+    scores = {"calibrated": entry is not None, **calibration.oof_metrics(entry),
+              **{f"choice_{k}": v for k, v in choices.items()}}
+    if any(metrics.get(k) != v for k, v in scores.items()):
+        raise CovsegError(f"{metrics_path} does not hold the out-of-fold scores {calibration_file} holds for "
+                          f"recipe key {key}: run `dvc repro` first, then register")
+    tags = version_tags(scores, key)
+    with tracking.resume(run_id, trk.experiment) as run:
+        # the data version the run trained on (its tag), which must be the one data.dvc records here
+        here, trained_on = data_version(Path(PATHS.dvc_file)), run.data.tags.get(TAG_DATA_VERSION, "")
+        if trained_on and here != trained_on:
+            raise CovsegError(f"{model} was trained on data version {trained_on}, but {PATHS.dvc_file} records "
+                              f"{here or 'none'}: check out the data it was trained on (or run `dvc repro`), "
+                              f"then register")
         # a version per calibrated model: registering the same choices again re-tags the version
         version = registry.find_version(reg.model_name, run_id, {TAG_CHOICES: tags[TAG_CHOICES]})
         if version is not None:
             try:
                 modelstore.check_version_form(reg.model_name, version)
-            except CovsegError:  # logged the old way: log it again in covseg's form, as a new version
+            except modelstore.FormError:  # logged the old way: log it again in covseg's form, as a new version
                 version = None
         new = version is None
         if new:
@@ -78,6 +91,6 @@ def run(model: str | Path, metrics_path: str | Path, calibration_file: str | Pat
             version = registry.register(uri, reg.model_name, tags)
         else:
             registry.tag(reg.model_name, version, tags)
-        provenance.record_provenance(reg.model_name, version, run_id, data_version(Path(PATHS.dvc_file)),
+        provenance.record_provenance(reg.model_name, version, run_id, trained_on or here,
                                      load_split(data)["train_slice_ids"])
     return {"model_version": version, "mlflow_run_id": run_id, "new": new, "calibrated": entry is not None}
