@@ -107,7 +107,8 @@ def find_flow_run_result(uri: str, experiment: str, flow_run_id: str) -> dict:
     runs = client.search_runs([exp.experiment_id], f"tags.{TAG_FLOW_RUN} = '{flow_run_id}'") if exp else []
     if not runs:
         return {"flow_run_id": flow_run_id, **{k: None for k in HEADLINE_METRICS}}
-    versions = client.search_model_versions(f"run_id='{runs[0].info.run_id}'")
+    # the newest of the run's versions (a new calibration, or a model logged again, adds one)
+    versions = [int(v.version) for v in client.search_model_versions(f"run_id='{runs[0].info.run_id}'")]
     return {"flow_run_id": flow_run_id, "mlflow_run_id": runs[0].info.run_id,
-            "model_version": int(versions[0].version) if versions else None,
+            "model_version": max(versions) if versions else None,
             **{k: runs[0].data.metrics.get(k) for k in HEADLINE_METRICS}}
