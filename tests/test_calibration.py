@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from covseg import calibration
+from covseg import calibration, modelstore
 from covseg.errors import CovsegError
 from covseg.model import Segmenter, UNet, save_checkpoint
 
@@ -132,9 +132,9 @@ def test_a_checkpoint_is_loaded_with_its_recipes_choices_or_neutral_ones_and_a_w
     path = tmp_path / "calibration.json"
     choices = {"class_bias": [1.0, 0.0, 0.0, 0.0], "tta": True, "min_island": 50}
     path.write_text(json.dumps({"r1": {"choices": choices, "oof": {}}}))
-    net, _ = calibration.load_calibrated(tmp_path / "m.pt", path)
+    net, _ = modelstore.load_calibrated(tmp_path / "m.pt", path)
     assert (net.class_bias, net.tta, net.min_island) == ([1.0, 0.0, 0.0, 0.0], True, 50)
-    net, _ = calibration.load_calibrated(tmp_path / "m.pt", tmp_path / "none.json")
+    net, _ = modelstore.load_calibrated(tmp_path / "m.pt", tmp_path / "none.json")
     assert (net.class_bias, net.tta, net.min_island) == ([0.0] * 4, False, 0)
     assert "no calibration for the model" in capsys.readouterr().err
 

@@ -17,7 +17,7 @@ def dvc_stages() -> dict:
 
 def test_closure_finds_imports_inside_functions(stage_modules):
     train = stage_modules["train"]
-    assert "src/covseg/tracking.py" in stage_modules["submit"]  # modelstore imports it (calibration.load_calibrated)
+    assert "src/covseg/tracking.py" in stage_modules["submit"]  # modelstore imports it (load_calibrated)
     assert "src/covseg/__init__.py" in train and "src/covseg/names.py" in train
     assert {"src/covseg/cli.py", "src/covseg/stages/train.py", "src/covseg/training.py"} <= train
     assert "src/covseg/stages/submit.py" not in train and "src/covseg/ingest.py" not in train

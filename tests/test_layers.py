@@ -8,7 +8,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 # The model and data layers: CT, data, networks, metrics, contracts. They know no tracking, registry or server.
 LOWER = ["names", "errors", "params", "atomic", "shell", "data", "ingest", "preprocessing", "model", "evaluation",
-         "plots", "submission", "scans", "validation"]
+         "plots", "submission", "scans", "validation", "calibration"]
 UPPER = {"tracking", "modelstore", "serving", "registry", "provenance", "gate", "promotion", "locks"}
 
 

@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from covseg import calibration
 from covseg.atomic import staging_path
 from covseg.cli import main
 from covseg.errors import CovsegError
@@ -183,7 +182,7 @@ def test_an_ensemble_is_trained_registered_and_served_as_one_model(tmp_path, tin
     Path(PATHS.calibration).write_text(json.dumps({trained["recipe_key"]: entry()}))
     evaluate_and_submit(p)
     version = register_model(p)["model_version"]
-    local, _ = calibration.load_calibrated(PATHS.model, PATHS.calibration)
+    local, _ = modelstore.load_calibrated(PATHS.model, PATHS.calibration)
     registered, _ = modelstore.load(f"models:/covseg-unet/{version}")
     assert isinstance(local.unet, Ensemble) and isinstance(registered.unet, Ensemble) and registered.tta
     x, _ = load_processed(PATHS.processed, "train")

@@ -25,7 +25,6 @@ from covseg.atomic import write_json
 from covseg.errors import CovsegError
 from covseg.evaluation import confusion_matrix, dice_metrics, summary_metrics, trivial_score
 from covseg.model import Segmenter, remove_islands, valid_choices
-from covseg.modelstore import is_model_uri, load
 from covseg.names import CV_METRICS, DICE, KAGGLE_F1, NUM_CLASSES, SCORED, SHORT
 from covseg.params import Calibrate
 
@@ -86,17 +85,6 @@ def choices_for(path: str | Path, key: str | None, what: str) -> tuple[dict, dic
               f"promotion gate will refuse it; make one with `covseg cv` then `covseg calibrate`", file=sys.stderr)
         return dict(NEUTRAL), None
     return entry["choices"], entry
-
-
-def load_calibrated(spec: str | Path, calibration_file: str | Path, device="cpu") -> tuple[Segmenter, dict]:
-    """`modelstore.load`, calibrated: a checkpoint with the choices `calibration_file` holds for its recipe
-    key (neutral ones, with a warning, when it holds none); a registry model as it was registered (its
-    choices were made when it was evaluated)."""
-    net, ckpt = load(spec, device)
-    if is_model_uri(spec):
-        return net, ckpt
-    choices, _ = choices_for(calibration_file, ckpt.get("recipe_key"), f"the model {spec}")
-    return apply(net, choices), ckpt
 
 
 def oof_metrics(entry: dict | None) -> dict:

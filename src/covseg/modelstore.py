@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 from mlflow.exceptions import MlflowException
 
-from covseg import serving, tracking
+from covseg import calibration, serving, tracking
 from covseg.errors import CovsegError
 from covseg.model import Segmenter, load_checkpoint
 from covseg.names import MODEL_CHECKPOINT_FILE
@@ -198,6 +198,17 @@ def load(spec: str | Path, device="cpu") -> tuple[Segmenter, dict]:
         except Exception as e:  # not a weights-only checkpoint, or weights that do not fit the network
             raise CovsegError(f"model {spec}: its checkpoint does not load, weights only, into covseg's "
                               f"network: {e}") from e
+
+
+def load_calibrated(spec: str | Path, calibration_file: str | Path, device="cpu") -> tuple[Segmenter, dict]:
+    """`load`, calibrated: a checkpoint with the choices `calibration_file` holds for its recipe
+    key (neutral ones, with a warning, when it holds none); a registry model as it was registered (its
+    choices were made when it was evaluated)."""
+    net, ckpt = load(spec, device)
+    if is_model_uri(spec):
+        return net, ckpt
+    choices, _ = calibration.choices_for(calibration_file, ckpt.get("recipe_key"), f"the model {spec}")
+    return calibration.apply(net, choices), ckpt
 
 
 def check_version_form(name: str, version: int) -> None:

@@ -176,7 +176,7 @@ def assign_names(sources: list[Source], index: dict[str, str]) -> list[str]:
 def _load(model, device, calibration_file):
     if not isinstance(model, str | Path):
         return model.to(device).eval()
-    from covseg.calibration import load_calibrated
+    from covseg.modelstore import load_calibrated
 
     try:
         return load_calibrated(model, calibration_file, device)[0]

@@ -11,9 +11,9 @@ import numpy as np
 
 from covseg import tracking
 from covseg.atomic import atomic_output
-from covseg.calibration import load_calibrated
 from covseg.data import index_to_one_hot
 from covseg.model import pick_device, predict_labels
+from covseg.modelstore import load_calibrated
 from covseg.names import SCORED, SUBMISSION_CSV, TEST_MASKS
 from covseg.params import Tracking
 from covseg.preprocessing import load_processed
