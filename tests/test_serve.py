@@ -210,6 +210,20 @@ def assert_no_internals(body: str) -> None:
     assert "stack_trace" not in body and "Traceback" not in body and ".py" not in body, body[:2000]
 
 
+def test_a_request_body_is_bounded_before_it_is_read(rest_client, monkeypatch):
+    """MLflow's scoring server parses a whole body before the shape caps apply: covseg serve refuses one longer
+    than MAX_REQUEST_BYTES, or of no stated length, first."""
+    monkeypatch.setattr(serving, "MAX_REQUEST_BYTES", 1000)
+    client = rest_client(tiny_model())
+    small = json.dumps({"inputs": [[[[0.1, 0.2], [0.3, 0.4]]]]})
+    assert client.post("/invocations", content=small, headers={"Content-Type": "application/json"}).status_code == 200
+    big = json.dumps({"inputs": [[[[0.1] * 300]]]})
+    answer = client.post("/invocations", content=big, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 413 and "at most 1000 bytes" in answer.json()["message"]
+    chunked = client.post("/invocations", content=iter([small.encode()]), headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 411
+
+
 def test_rest_errors_name_the_problem_and_carry_no_internals(rest_client, monkeypatch):
     """What a REST client of `covseg serve` gets (its app, in process): the docs' 2x2 example and a
     1-pixel-high slice segmented at train.scale 0.25; each bad request a 400 that says what is wrong; a

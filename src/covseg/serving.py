@@ -38,6 +38,9 @@ DEFAULT_BATCH_SIZE = 4
 MAX_SLICES = 16
 MAX_SIDE = 1024
 MAX_PIXELS = 8 * 512 * 512
+# A request body is parsed whole before its shape can be checked: this bounds it (MAX_PIXELS numbers of up to
+# about 40 characters of JSON each).
+MAX_REQUEST_BYTES = 96 * 1024 * 1024
 
 _log = logging.getLogger(__name__)
 
@@ -149,11 +152,29 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> ServedMode
 def app(model, device):
     """MLflow's scoring server (FastAPI: /invocations, /ping, /health, /version) for `model` on `device`, with
     covseg's signature; nothing of a registry entry is read here."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
     from mlflow.models import Model
     from mlflow.pyfunc import PyFuncModel
     from mlflow.pyfunc.scoring_server import init
 
-    return init(PyFuncModel(model_meta=Model(signature=signature()), model_impl=ServedModel(model, device)))
+    served = init(PyFuncModel(model_meta=Model(signature=signature()), model_impl=ServedModel(model, device)))
+
+    @served.middleware("http")
+    async def bounded_body(request: Request, call_next):
+        """Refuse a body without a length (411) or longer than MAX_REQUEST_BYTES (413) before it is read."""
+        if request.method == "POST":
+            length = request.headers.get("content-length", "")
+            if not length.isdigit():
+                return JSONResponse({"error_code": "BAD_REQUEST", "message": "a request needs a Content-Length"},
+                                    status_code=411)
+            if int(length) > MAX_REQUEST_BYTES:
+                return JSONResponse({"error_code": "BAD_REQUEST", "message": (
+                    f"a request body may hold at most {MAX_REQUEST_BYTES} bytes, got {length}: send fewer slices "
+                    f"per request (whole scans: covseg predict)")}, status_code=413)
+        return await call_next(request)
+
+    return served
 
 
 def serve(model, device, host: str, port: int) -> None:
