@@ -2,8 +2,8 @@
 
 A covseg model is logged in one form only: an MLflow pyfunc whose `loader_module` is covseg.serving (MLflow
 imports it from the installed covseg, never from the artifact) and whose one data file is a weights-only
-checkpoint (`covseg.model.save_checkpoint`); no code files, no python_model, no pickle. `load` (evaluate,
-submit, predict, warm starts) and `covseg serve` read the checkpoint's weights and network config, and only
+checkpoint (`covseg.model.save_checkpoint`); no code files, no python_model, no pickle. `load` (submit,
+predict, warm starts) and `covseg serve` read the checkpoint's weights and network config, and only
 after `check_form`; the gate refuses a version of any other form before it compares scores
 (`check_version_form`). Nothing in a registry entry decides what code runs here.
 
@@ -19,12 +19,13 @@ from pathlib import Path, PurePosixPath
 
 import mlflow
 import numpy as np
+import torch
 import yaml
 from mlflow.exceptions import MlflowException
 
 from covseg import calibration, serving, tracking
 from covseg.errors import CovsegError
-from covseg.model import Segmenter, load_checkpoint
+from covseg.model import Segmenter, load_checkpoint, save_checkpoint
 from covseg.names import MODEL_CHECKPOINT_FILE
 
 PYFUNC = "python_function"
@@ -45,10 +46,6 @@ def is_model_uri(spec: str | Path) -> bool:
 def log(model: Segmenter, example_shape: tuple[int, int]) -> str:
     """Log `model` (a Segmenter, its inference choices included) to the active run in covseg's form; its URI.
     The signature takes any (N, 1, H, W); the input example is (1, 1, H, W)."""
-    import torch
-
-    from covseg.model import save_checkpoint
-
     example = np.zeros((1, 1, *example_shape), dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="covseg-model-") as tmp:
         checkpoint = Path(tmp) / MODEL_CHECKPOINT_FILE
@@ -212,7 +209,8 @@ def load_calibrated(spec: str | Path, calibration_file: str | Path, device="cpu"
 
 
 def check_version_form(name: str, version: int) -> None:
-    """Refuse (CovsegError) a registered version that is not of covseg's form; downloads it, loads nothing."""
+    """Refuse (FormError) a registered version that is not of covseg's form; fetches its MLmodel (and, when that
+    is covseg's, its checkpoint), loads nothing."""
     with tempfile.TemporaryDirectory(prefix="covseg-model-") as tmp:
         what = f"{name} v{int(version)}"
         check_form(fetch(f"models:/{name}/{int(version)}", tmp, what), what)
