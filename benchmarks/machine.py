@@ -23,3 +23,7 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{platform.machine()}, {os.cpu_count()} cores ({cpu_model()}, {cpu_bf16}), {gpu}, "
             f"torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    print(machine())

@@ -93,12 +93,15 @@ def new_project(tmp_path):
 
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
-    """Prefect's test harness (a throw-away server) for the flow tests, started once per session."""
+    """Prefect's test harness (a throw-away server) for the flow tests, started once per session. Without flow
+    run heartbeats: their thread sleeps in 1 s steps and each flow run waits for it to end (1 s a run)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-        with prefect_test_harness(server_startup_timeout=90):
+        with (prefect_test_harness(server_startup_timeout=90),
+              temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})):
             yield
 
 
