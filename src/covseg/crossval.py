@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from covseg import tracking
 from covseg.atomic import atomic_output, write_json
@@ -118,13 +120,14 @@ def cross_validate(raw: str | Path, params: Params, out: str | Path, folds: Sequ
     data = data_key(fingerprint(raw), fold_of, params.window)
     key = recipe_key(params.seed, params.model, params.train, data)
     records = []
-    for fold in folds:
+    # the folds' progress with an ETA under each fold's training bar (none where stderr is not a terminal)
+    for fold in tqdm(folds, desc="covseg cv", unit="fold", dynamic_ncols=True, disable=None, position=2):
         done_file = out / f"fold{fold}.json"
         done = json.loads(done_file.read_text()) if done_file.is_file() else {}
         if done.get("recipe") != key or not (out / FOLD_FILE.format(k=fold)).is_file():
             done = run_fold(raw, params, fold, folds_file, report, out, key, data)
-        print(f"fold {fold}: " + "  ".join(f"{m} {done['metrics'][m]:.4f}" for m in CV_METRICS)
-              + f"  ({done['metrics']['seconds']:.0f}s)", flush=True)
+        tqdm.write(f"fold {fold}: " + "  ".join(f"{m} {done['metrics'][m]:.4f}" for m in CV_METRICS)
+                   + f"  ({done['metrics']['seconds']:.0f}s)", file=sys.stdout)
         records.append(done)
     pd.concat([pd.DataFrame(r["per_slice"]) for r in records]).to_csv(out / "per_slice.csv", index=False)
     summary = {"recipe": params.recipe, "recipe_key": key, "data_key": data, "data": str(raw), "folds": k,
