@@ -20,6 +20,8 @@ def machine() -> str:
     from covseg.model import bf16_autocast
 
     cpu_bf16 = "native bfloat16" if bf16_autocast(torch.device("cpu")) else "no native bfloat16"
+    if os.environ.get("ATEN_CPU_CAPABILITY"):  # benchmarks/avx2/run
+        cpu_bf16 += f", emulating {os.environ['ATEN_CPU_CAPABILITY']} only"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{platform.machine()}, {os.cpu_count()} cores ({cpu_model()}, {cpu_bf16}), {gpu}, "
             f"torch {torch.__version__}")
