@@ -1,6 +1,8 @@
 """The training recipe's levers: crops, schedule, checkpoint choice, test-time flips, island removal,
 warm start, the shipped recipes, per-slice Dice, training on every slice, and training that resumes."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -420,3 +422,26 @@ def test_training_shows_one_progress_bar_over_every_epoch_of_every_member(params
     train(p.train, p.model, p.seed, x[:6], y[:6], x[6:], y[6:], tmp_path / "m.pt", on_epoch=rows.append)
     [(total, bar)] = bars
     assert total == 4 and bar.ticks == 4 and len(rows) == 4
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_progress_bar_has_an_eta_in_a_terminal_and_is_silent_in_a_log(monkeypatch, terminal):
+    import io
+
+    from covseg.training import progress_bar
+
+    class Stderr(io.StringIO):
+        def isatty(self):
+            return terminal
+
+    err = Stderr()
+    monkeypatch.setattr("sys.stderr", err)
+    seen = []
+    with progress_bar(3, seen.append) as tick:
+        for epoch in range(3):
+            tick({"epoch": epoch})
+    assert len(seen) == 3
+    if terminal:
+        assert re.search(r"training: 100%.* 3/3 \[\d\d:\d\d<\d\d:\d\d", err.getvalue()), err.getvalue()
+    else:
+        assert err.getvalue() == "", "a CI log gets the epoch lines only, no bar"
