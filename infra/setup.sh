@@ -57,8 +57,8 @@ fi
 # Training speed: without native bfloat16 (AVX512-BF16 or AMX) a CPU trains the default in float32, 2.5-4x slower.
 if python -c "from covseg.model import bf16_autocast, pick_device; d = pick_device(); raise SystemExit(d.type != 'cpu' or bf16_autocast(d))"; then
     echo "setup: note: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so the default's two networks train"
-    echo "      in float32: 'dvc repro' takes about 25 minutes on 2 cores (estimated) instead of about 10 with it."
-    echo "      'dvc exp run -S recipe=fast' runs the one-network recipe instead: 9 minutes on the embedded data,"
-    echo "      12.5 on the real data, measured on such a CPU (docs/performance.md)."
+    echo "      in float32, 2.5-4x slower: 'dvc repro' takes about 5.5 minutes on the embedded data (estimated; 100 s"
+    echo "      with it) and about 35 on the real data (estimated). 'dvc exp run -S recipe=fast' runs the one-network"
+    echo "      recipe instead: 12.5 minutes on the real data, measured on such a CPU (docs/performance.md)."
 fi
 echo "setup: done. Next: . .venv/bin/activate && dvc repro"
