@@ -1,6 +1,7 @@
 """Cross-validation by the pipeline's own stages: one tracked run per fold, the held-out logits saved for
 `covseg calibrate`, folds found done for the same recipe and data, and the recipe key they are found by."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,11 +16,14 @@ TINY_TRAIN = {"model.base_channels": 4, "model.depth": 2, "train.epochs": 1, "tr
 
 
 def test_cross_validation_by_the_stages_saves_held_out_logits_and_resumes(params, tiny_raw, tmp_path, monkeypatch,
-                                                                          tiny_folds, mlflow_store):
+                                                                          tiny_folds, mlflow_store, capsys):
     folds3 = tiny_folds(3)
     p = params.override(TINY_TRAIN)
     out = tmp_path / "cv" / "tiny"
     summary = crossval.cross_validate(tiny_raw, p, out, folds=[0, 2], folds_file=folds3)
+    said = capsys.readouterr().out
+    assert re.search(r"^fold 0 \(1 of 2; about \d+\.\d min left\): dice_ggo", said, re.M), said[-2000:]
+    assert re.search(r"^fold 2 \(2 of 2\): dice_ggo", said, re.M), "the last fold: no time left to tell"
     assert summary["folds"] == 3 and summary["folds_run"] == [0, 2] and summary["recipe"] == "default"
     f1 = [f["kaggle_f1"] for f in summary["per_fold"]]
     assert summary["kaggle_f1_mean"] == pytest.approx(np.mean(f1))
@@ -42,6 +46,7 @@ def test_cross_validation_by_the_stages_saves_held_out_logits_and_resumes(params
     monkeypatch.setattr(crossval.train_stage, "run", no_training)
     again = crossval.cross_validate(tiny_raw, p, out, folds=[0, 2], folds_file=folds3)
     assert again["kaggle_f1_mean"] == summary["kaggle_f1_mean"]
+    assert re.search(r"^fold 0 \(1 of 2\): ", capsys.readouterr().out, re.M), "nothing trained: no estimate"
     with pytest.raises(AssertionError, match="trained again"):  # other params: the folds are stale
         crossval.cross_validate(tiny_raw, p.override({"train.lr": 0.01}), out, folds=[0], folds_file=folds3)
     with pytest.raises(ParamsError, match=r"folds \[3\]"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -21,7 +20,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from covseg import tracking
 from covseg.atomic import atomic_output, write_json
@@ -119,15 +117,19 @@ def cross_validate(raw: str | Path, params: Params, out: str | Path, folds: Sequ
         raise ParamsError(f"folds {folds}: each must be in 0..{k - 1} ({folds_file} has {k} folds)")
     data = data_key(fingerprint(raw), fold_of, params.window)
     key = recipe_key(params.seed, params.model, params.train, data)
-    records = []
-    # the folds' progress with an ETA under each fold's training bar (none where stderr is not a terminal)
-    for fold in tqdm(folds, desc="covseg cv", unit="fold", dynamic_ncols=True, disable=None, position=2):
+    records, trained, started = [], 0, time.perf_counter()
+    for n, fold in enumerate(folds, 1):
         done_file = out / f"fold{fold}.json"
         done = json.loads(done_file.read_text()) if done_file.is_file() else {}
         if done.get("recipe") != key or not (out / FOLD_FILE.format(k=fold)).is_file():
             done = run_fold(raw, params, fold, folds_file, report, out, key, data)
-        tqdm.write(f"fold {fold}: " + "  ".join(f"{m} {done['metrics'][m]:.4f}" for m in CV_METRICS)
-                   + f"  ({done['metrics']['seconds']:.0f}s)", file=sys.stdout)
+            trained += 1
+        left = len(folds) - n
+        eta = (f"; about {(time.perf_counter() - started) / trained * left / 60:.1f} min left" if trained and left
+               else "")
+        print(f"fold {fold} ({n} of {len(folds)}{eta}): "
+              + "  ".join(f"{m} {done['metrics'][m]:.4f}" for m in CV_METRICS)
+              + f"  ({done['metrics']['seconds']:.0f}s)", flush=True)
         records.append(done)
     pd.concat([pd.DataFrame(r["per_slice"]) for r in records]).to_csv(out / "per_slice.csv", index=False)
     summary = {"recipe": params.recipe, "recipe_key": key, "data_key": data, "data": str(raw), "folds": k,
