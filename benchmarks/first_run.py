@@ -4,7 +4,7 @@ benchmarks/results/<name>.json.
 
     python benchmarks/first_run.py                                    # this machine
     benchmarks/avx2/run python benchmarks/first_run.py --name first_run_avx2   # as without native bfloat16
-    python benchmarks/first_run.py --no-pip-cache                     # pip downloads everything, as on a new machine
+    python benchmarks/first_run.py --no-pip-cache   # pip's cache off (pip's configured index still serves)
 """
 from __future__ import annotations
 

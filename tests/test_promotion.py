@@ -235,6 +235,14 @@ def test_a_version_not_of_covsegs_form_is_refused_by_the_gate_and_by_hand(versio
 # (what the gate decides, from the scores alone: tests/test_gate.py)
 
 
+def test_a_first_version_the_gate_rejects_is_the_challenger_only(versions, reg):
+    run_id = versions(1)
+    _calibrated(run_id, 1, 0.08)
+    weak = promotion.promote(reg, version=1)
+    assert weak["promoted"] is False and weak["reason"].startswith("not promoted: no champion yet")
+    assert registry.aliases(NAME) == {CHALLENGER: 1} and _recorded(1)["promoted"] is False
+
+
 def test_a_challenger_must_beat_the_champion_by_the_margin(versions, reg):
     run_id = versions(3)
     for v, score in ((1, 0.40), (2, 0.404), (3, 0.45)):
