@@ -26,6 +26,18 @@ def cmd_data_import(args, params: Params) -> None:
         _folds(args.raw, args.folds, params)
 
 
+def cmd_data_import_unlabelled(args, params: Params) -> None:
+    from covseg.ingest import import_unlabelled_scans
+    from covseg.validation import summary
+
+    result = import_unlabelled_scans(args.sources, args.out, args.raw, params.predict, params.validate_,
+                                     args.weak_labels, args.rotate, args.intensity, not args.no_record)
+    print(summary(result["report"]))
+    print(f"imported {result['slices']} unlabelled slices of {result['groups']} volumes -> {args.out}"
+          + (f" (with weak labels from {args.weak_labels})" if args.weak_labels else "")
+          + (f"; recorded with DVC in {args.out}.dvc: md5 {result['data_version']}" if not args.no_record else ""))
+
+
 def _folds(raw: str, path: str, params: Params, force: bool = False) -> None:
     from covseg.preprocessing import write_folds
 
@@ -207,6 +219,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-record", action="store_true",
                        help="do not record the new version with DVC, nor write its folds file")
         p.set_defaults(func=fn)
+    unl = data_sub.add_parser(
+        "import-unlabelled", help="validate unlabelled scans (NIfTI, DICOM, PNG/JPG, .npy; files or folders), "
+                                  f"optionally with weak labels, fit them to {PATHS.raw}'s slices, write them to "
+                                  f"{PATHS.unlabelled}, record with DVC")
+    unl.add_argument("sources", nargs="+")
+    unl.add_argument("--weak-labels", metavar="DIR",
+                     help="a grey image a slice, of the slice's name (255 = infection, 0 = none): weak labels")
+    unl.add_argument("--rotate", type=int, choices=range(4), default=0,
+                     help="quarter turns counter-clockwise that bring each slice to the usual axial view "
+                          "(front up, patient's right on the left); weak labels turn with it (default 0)")
+    unl.add_argument("--intensity", choices=("hu", "match"), default="hu",
+                     help="hu: values as read (NIfTI, DICOM; PNG/JPG by predict.png_hu_*); match: 8-bit exports of "
+                          "unknown windows, mapped per volume onto the labelled slices' HU inside their lungs' "
+                          "bounding box (default hu)")
+    unl.add_argument("--raw", default=PATHS.raw, help=f"the labelled data (default: {PATHS.raw})")
+    unl.add_argument("--out", default=PATHS.unlabelled, help=f"(default: {PATHS.unlabelled})")
+    unl.add_argument("--no-record", action="store_true", help="do not record the new version with DVC (in OUT.dvc)")
+    unl.set_defaults(func=cmd_data_import_unlabelled)
     p = sub.add_parser("folds", help="deal the labelled slices into split.folds burden-stratified folds, once: "
                        f"{PATHS.folds}, which the pipeline and cross-validation read (commit it)")
     p.add_argument("--raw", default=PATHS.raw)

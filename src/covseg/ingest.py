@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covseg.data import record_with_dvc, staged_copy, synthesize, write_raw
-from covseg.params import Synth, Validate
+from covseg import shell
+from covseg.data import data_version, record_with_dvc, staged_copy, synthesize, write_raw
+from covseg.params import Predict, Synth, Validate
+from covseg.unlabelled import import_unlabelled
 from covseg.validation import validate_raw
 
 
@@ -23,3 +25,20 @@ def write_synthetic(raw: str | Path, s: Synth, dvc_file: str | Path | None) -> d
     """The embedded default (deterministic for `s`) into `raw`; with a `dvc_file`, recorded with DVC."""
     write_raw(raw, *synthesize(s.n_labelled, s.n_test, s.size, s.seed))
     return {"data_version": record_with_dvc(dvc_file) if dvc_file else None}
+
+
+def import_unlabelled_scans(sources, out: str | Path, raw: str | Path, pp: Predict, v: Validate,
+                            weak_labels: str | Path | None, rotate: int, intensity: str, record: bool) -> dict:
+    """Unlabelled scans into `out` (covseg.unlabelled: checked before anything lands); with `record`, recorded
+    with DVC in `<out>.dvc` (`dvc add` the first time). Returns {"report", "slices", "groups", "data_version"}."""
+    result = import_unlabelled(sources, out, raw, pp, v, weak_labels, rotate, intensity)
+    version = None
+    if record:
+        out = Path(out)
+        dvc_file = out.with_name(f"{out.name}.dvc")
+        if dvc_file.is_file():
+            version = record_with_dvc(dvc_file)
+        else:
+            shell.run(["dvc", "add", "--quiet", out.name], cwd=out.parent)
+            version = data_version(dvc_file)
+    return {**result, "data_version": version}

@@ -26,7 +26,7 @@ STAGES = ("validate", "preprocess", "train", "evaluate", "submit")
 # Default paths, relative to the project root; dvc.yaml passes the same ones.
 PATHS = SimpleNamespace(
     params="params.yaml", conf="conf", dvc_file="data.dvc", folds="folds.json", calibration="calibration.json",
-    raw="data/raw",
+    raw="data/raw", unlabelled="data/unlabelled",
     processed="data/processed",
     model="models/model.pt", train_state="models/train_state.pt",
     history="reports/train_history.csv", validation="reports/validation.json",
@@ -37,6 +37,8 @@ PATHS = SimpleNamespace(
 # Raw files (the Kaggle layout) and processed files.
 RAW_IMAGES, RAW_MASKS, RAW_TEST_IMAGES, SLICE_IDS = (
     "images_medseg.npy", "masks_medseg.npy", "test_images_medseg.npy", "slice_ids.json")
+# An unlabelled folder (covseg.unlabelled): slices, optional weak labels, one row a slice.
+UNLABELLED_IMAGES, UNLABELLED_WEAK, UNLABELLED_SLICES = "images.npy", "weak.npy", "slices.csv"
 SUBMISSION_CSV, TEST_MASKS = "submission.csv", "test_masks.npy"  # in PATHS.submission
 PARTS = ("train", "val", "test")
 SPLIT_FILE = "split.json"

@@ -201,6 +201,34 @@ def nearest_slices(images, side: int, max_shift: int, candidates: int = 5) -> li
     return out
 
 
+def raw_thumbnails(raw: RawData, v: Validate) -> tuple[np.ndarray, list[str]]:
+    """Thumbnails (as `nearest_slices` compares them, unmoved) of every labelled and test slice of `raw`, and
+    their names: what `nearest_raw` compares other slices with."""
+    h, w = raw.images.shape[1:3]
+    f, rows, cols = _copy_grid(h, w, v.thumbnail_size, 0)
+    thumbs, names = [], []
+    for file, images in ((RAW_IMAGES, raw.images), (RAW_TEST_IMAGES, raw.test_images)):
+        for i in range(len(images)):
+            thumbs.append(_boxed(images[i, ..., 0], f)[0][np.ix_(rows, cols)])
+            names.append(f"{file} {i}")
+    return np.stack(thumbs), names
+
+
+def nearest_raw(images: np.ndarray, thumbnails: tuple[np.ndarray, list[str]], v: Validate) -> list[tuple]:
+    """For each of `images` ((N, H, W), the raw slices' size): (distance, name) of the most similar labelled or
+    test slice: the mean absolute HU difference of their thumbnails (median removed; also mirrored)."""
+    thumbs, names = thumbnails
+    f, rows, cols = _copy_grid(*images.shape[1:3], v.thumbnail_size, 0)
+    out = []
+    for image in images:
+        boxed = _boxed(image, f)[0]
+        d = np.minimum(np.abs(thumbs - boxed[np.ix_(rows, cols)]).mean((1, 2)),
+                       np.abs(thumbs - boxed[:, ::-1][np.ix_(rows, cols)]).mean((1, 2)))
+        j = int(np.argmin(d))
+        out.append((float(d[j]), names[j]))
+    return out
+
+
 def _describe_copy(name: str, mirrored: bool, move: tuple, offset: float) -> str:
     parts = [name] + (["mirrored"] if mirrored else []) + ([f"moved by {move} px"] if move != (0, 0) else []) \
         + ([f"{offset:+.0f} HU"] if abs(offset) >= 0.5 else [])
@@ -401,7 +429,7 @@ def _short(value):
     return f"{value:.5g}" if isinstance(value, float) else value
 
 
-def _name_rows(report: dict, facts: pd.DataFrame) -> None:
+def name_rows(report: dict, facts: pd.DataFrame) -> None:
     """Failed checks of a whole file list its slices (`rows_of`, with their values); failing rows get the
     `detail` column of their slice (the slice a near-copy copies, the move a mask fits best at)."""
     by_key = {(r["file"], r["index"]): r for r in facts.to_dict(orient="records")}
@@ -423,7 +451,7 @@ def validate_raw(raw: RawData, v: Validate) -> dict:
     """The raw-data contract; raises ContractError on failure, returns the report."""
     facts = raw_facts(raw, v)
     report = run_suite("raw_data", facts, raw_expectations(facts, raw, v), ["file", "index"])
-    _name_rows(report, facts)
+    name_rows(report, facts)
     report = to_jsonable(report)
     report["source"] = str(raw.directory)
     report["facts"] = facts.drop(columns=["hash"]).to_dict(orient="records")
