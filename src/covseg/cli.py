@@ -223,9 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
         "import-unlabelled", help="validate unlabelled scans (NIfTI, DICOM, PNG/JPG, .npy; files or folders), "
                                   f"optionally with weak labels, fit them to {PATHS.raw}'s slices, write them to "
                                   f"{PATHS.unlabelled}, record with DVC")
-    unl.add_argument("sources", nargs="+")
+    unl.add_argument("sources", nargs="+", help="files, folders (searched) or glob patterns")
     unl.add_argument("--weak-labels", metavar="DIR",
-                     help="a grey image a slice, of the slice's name (255 = infection, 0 = none): weak labels")
+                     help="weak labels: one 8-bit grey image a slice in this folder, named as its slice (vol_3.png "
+                          "for vol_3.jpg; 0 = none .. 255 = infection); slices must then be images with unique names")
     unl.add_argument("--rotate", type=int, choices=range(4), default=0,
                      help="quarter turns counter-clockwise that bring each slice to the usual axial view "
                           "(front up, patient's right on the left); weak labels turn with it (default 0)")
@@ -234,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "unknown windows, mapped per volume onto the labelled slices' HU inside their lungs' "
                           "bounding box (default hu)")
     unl.add_argument("--raw", default=PATHS.raw, help=f"the labelled data (default: {PATHS.raw})")
-    unl.add_argument("--out", default=PATHS.unlabelled, help=f"(default: {PATHS.unlabelled})")
+    unl.add_argument("--out", default=PATHS.unlabelled,
+                     help=f"the folder written, replacing an earlier import there (default: {PATHS.unlabelled})")
     unl.add_argument("--no-record", action="store_true", help="do not record the new version with DVC (in OUT.dvc)")
     unl.set_defaults(func=cmd_data_import_unlabelled)
     p = sub.add_parser("folds", help="deal the labelled slices into split.folds burden-stratified folds, once: "

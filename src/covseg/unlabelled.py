@@ -10,7 +10,8 @@ another model's predictions, say) may come with it. The folder written (PATHS.un
                  its edge pixels repeated to fill
     weak.npy     (N, H, W) uint8, only with weak labels: 0 = none .. 255 = infection (ground glass and
                  consolidation together), fitted like its slice
-    slices.csv   one row a slice: its source, the group (volume) it belongs to, its size as read, the HU mapping
+    slices.csv   one row a slice: its source, the group (volume) it belongs to, its size as read, the contract's
+                 facts, the intensity mode and the rotation
 
 Intensity: `hu` takes the values as read (NIfTI and DICOM are HU; a PNG/JPG is mapped by predict.png_hu_*, the
 window it was exported with). `match` is for 8-bit exports whose window is unknown and differs by source:
@@ -21,6 +22,7 @@ slice images of one volume: names `<volume>_<slice number>`.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 from itertools import groupby
 from pathlib import Path
@@ -62,7 +64,7 @@ def reference_quantiles(raw: RawData) -> np.ndarray:
     return np.percentile(np.concatenate(values), QUANTILES)
 
 
-def matching(slices: list[np.ndarray], reference: np.ndarray):
+def matching(slices: list[np.ndarray], reference: np.ndarray, group: str):
     """A monotone map of the values of `slices` (one group) onto `reference` quantiles: its quantiles go to
     the reference's (values shared by several quantiles, such as a saturated white, to their mean)."""
     sample = np.concatenate([s[np.isfinite(s)].ravel()[::3] for s in slices])
@@ -70,7 +72,7 @@ def matching(slices: list[np.ndarray], reference: np.ndarray):
     xs, inverse = np.unique(points, return_inverse=True)
     ys = np.bincount(inverse, weights=reference) / np.bincount(inverse)
     if len(xs) < 2:
-        raise DataError("a group of slices of one constant value: nothing to map")
+        raise DataError(f"{group}: its slices hold one value almost everywhere: no intensities to match")
     return lambda hu: np.interp(hu, xs, ys)
 
 
@@ -85,28 +87,44 @@ def fit(image: np.ndarray, shape: tuple[int, int], order: int = 1) -> np.ndarray
     return np.pad(image, ((top, shape[0] - h - top), (left, shape[1] - w - left)), mode="edge")
 
 
-def _weak_file(weak_dir: Path, name: str) -> Path:
-    stem = name.split(".", 1)[0]
+def _weak_file(weak_dir: Path, source: Path) -> Path:
+    from covseg.scans import stem
+
     for ext in WEAK_SUFFIXES:
-        if (weak_dir / f"{stem}{ext}").is_file():
-            return weak_dir / f"{stem}{ext}"
-    raise DataError(f"{weak_dir}: no weak label for slice {name} (expected {stem}.png or another image of that name)")
+        if (weak_dir / f"{stem(source)}{ext}").is_file():
+            return weak_dir / f"{stem(source)}{ext}"
+    raise DataError(f"{source}: no weak label in {weak_dir} (expected {stem(source)}.png or another image of "
+                    f"that name)")
 
 
-def read_weak(path: Path, shape: tuple[int, int], image_name: str, pp: Predict) -> np.ndarray:
-    """A weak label image as uint8 0..255, checked against its slice's shape as read."""
-    from PIL import Image, UnidentifiedImageError
+def read_weak(path: Path, shape: tuple[int, int], image: Path, pp: Predict) -> np.ndarray:
+    """A weak label image (8-bit grey, 0 = none .. 255 = infection; turned as its EXIF orientation says, as
+    its slice is) as uint8, checked against its slice's shape as read."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # PIL warns of a decompression bomb; the size is checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             if img.size[0] * img.size[1] > pp.max_slice_pixels:
-                raise DataError(f"{path}: {img.size[0]}x{img.size[1]} pixels, more than predict.max_slice_pixels")
-            grey = np.asarray(img.convert("L"))
+                raise DataError(f"{path}: {img.size[0]}x{img.size[1]} pixels, more than predict.max_slice_pixels "
+                                f"({pp.max_slice_pixels:,}); refused without reading it")
+            if img.mode not in ("L", "1"):
+                raise DataError(f"{path}: a {img.mode} image; a weak label is an 8-bit grey image (0 = none .. "
+                                f"255 = infection), not a colour overlay or a class map")
+            grey = np.asarray(ImageOps.exif_transpose(img).convert("L"))
+    except DataError:
+        raise
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: the image claims too many pixels; refused without reading it") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: not a readable image, truncated or corrupt ({exc})") from None
     if grey.shape != shape:
-        raise DataError(f"{path}: {grey.shape[0]}x{grey.shape[1]} pixels, but its slice {image_name} is "
+        raise DataError(f"{path}: {grey.shape[0]}x{grey.shape[1]} pixels, but its slice {image} is "
                         f"{shape[0]}x{shape[1]}: a weak label must cover its slice pixel for pixel")
+    if 0 < grey.max() <= 1:
+        raise DataError(f"{path}: values 0..1; a weak label marks infection with 255 (0 = none .. 255)")
     return grey
 
 
@@ -148,23 +166,39 @@ def import_unlabelled(inputs: Iterable[str | Path], out: str | Path, raw: str | 
     """Read the scans of `inputs`, check them, and write them to the folder `out` in one rename (on any error
     `out` stays as it was). `raw` is the labelled data (its slice size, its intensities for `match`, its
     slices for the copy check). Returns {"report", "slices", "groups"}."""
-    from covseg.scans import find_sources, read_scan
+    from covseg.scans import IMAGE, find_sources, read_scan, stem
 
     if intensity not in INTENSITIES:
         raise DataError(f"intensity {intensity!r}: expected one of {', '.join(INTENSITIES)}")
+    if rotate not in range(4):
+        raise DataError(f"rotate {rotate!r}: expected 0, 1, 2 or 3 quarter turns")
+    out, weak_dir = Path(out), Path(weak_dir) if weak_dir is not None else None
+    if weak_dir is not None and not weak_dir.is_dir():
+        raise DataError(f"{weak_dir}: the weak labels' folder does not exist")
+    _check_out(out, [Path(raw), *(Path(i) for i in inputs if Path(i).exists()), *([weak_dir] if weak_dir else [])])
     labelled = load_raw(raw)
     shape = tuple(labelled.images.shape[1:3])
-    sources, failures, _ = find_sources(inputs, exclude=Path(out))
+    sources, failures, _ = find_sources(inputs, exclude=out)
     if failures:
         raise DataError("; ".join(f"{f['input']}: {f['error']}" for f in failures))
+    if weak_dir is not None:  # the weak labels are not scans, even in a folder searched for them
+        sources = [s for s in sources if weak_dir.resolve() not in s.path.resolve().parents]
+        seen: dict[str, Path] = {}
+        for s in sources:
+            if stem(s.path) in seen:
+                raise DataError(f"{s.path} and {seen[stem(s.path)]}: two slices named {stem(s.path)}; weak labels "
+                                f"are matched by name, so each slice needs a name of its own")
+            seen[stem(s.path)] = s.path
     if not sources:
         raise DataError(f"{', '.join(map(str, inputs))}: no scan found (NIfTI, DICOM, PNG/JPG or .npy)")
     reference = reference_quantiles(labelled) if intensity == "match" else None
-    weak_dir = Path(weak_dir) if weak_dir is not None else None
     thumbnails = raw_thumbnails(labelled, v)
     rows, parts = [], []
-    by_group = groupby(sorted(sources, key=lambda s: (group_of(s.path.name), str(s.path))),
-                       key=lambda s: group_of(s.path.name))
+
+    def group_key(source) -> str:  # a volume; slice images of one volume: <folder>/<volume>_<k>.png
+        return str(source.path.parent / group_of(source.path.name)) if source.kind == IMAGE else str(source.path)
+
+    by_group = groupby(sorted(sources, key=lambda s: (group_key(s), str(s.path))), key=group_key)
     with atomic_output(out, directory=True) as tmp:
         for g, (group, members) in enumerate(by_group):  # one group in memory at a time
             slices, labels, names = [], [], []
@@ -175,15 +209,15 @@ def import_unlabelled(inputs: Iterable[str | Path], out: str | Path, raw: str | 
                                     f"image a slice, so import the volume's slices as images")
                 for k, hu in enumerate(scan.hu):
                     if weak_dir is not None:
-                        weak = read_weak(_weak_file(weak_dir, source.path.name), hu.shape, source.path.name, pp)
+                        weak = read_weak(_weak_file(weak_dir, source.path), hu.shape, source.path, pp)
                         labels.append(np.rot90(weak, rotate))
                     slices.append(np.rot90(hu, rotate))
                     names.append((str(source.path), scan.slice_names[k] if k < len(scan.slice_names) else str(k),
                                   hu.shape))
-            mapped = matching(slices, reference) if reference is not None else (lambda hu: hu)
+            mapped = matching(slices, reference, group) if reference is not None else (lambda hu: hu)
             images = np.stack([np.clip(np.rint(fit(np.nan_to_num(mapped(hu), nan=-1000.0), shape)), -32768, 32767)
                                .astype(np.int16) for hu in slices])
-            nearest = nearest_raw(images, thumbnails, v)
+            nearest = nearest_raw(images, thumbnails)
             for k, (hu, (path, name, read_shape)) in enumerate(zip(slices, names)):
                 rows.append({**_facts(mapped(hu), labels[k] if labels else None, path, len(rows), group),
                              "slice": name, "read_height": read_shape[0], "read_width": read_shape[1],
@@ -206,6 +240,20 @@ def import_unlabelled(inputs: Iterable[str | Path], out: str | Path, raw: str | 
         facts.assign(intensity=intensity, rotate=rotate).drop(columns=["index"]).to_csv(
             tmp / UNLABELLED_SLICES, index_label="index")
     return {"report": report, "slices": len(rows), "groups": len(parts)}
+
+
+def _check_out(out: Path, inputs: list[Path]) -> None:
+    """`out` may not be, hold or lie inside an input (it is replaced whole), and an existing folder there must
+    be an earlier import (which the new one replaces; DVC keeps its version)."""
+    target = out.resolve()
+    for path in inputs:
+        real = path.resolve()
+        if target == real or real in target.parents or target in real.parents:
+            raise DataError(f"{out}: the output folder overlaps the input {path}; it is replaced whole, so it must "
+                            f"be a folder of its own (default: data/unlabelled)")
+    if out.is_dir() and any(out.iterdir()) and not (out / UNLABELLED_SLICES).is_file():
+        raise DataError(f"{out}: a folder that is not an earlier unlabelled import (no {UNLABELLED_SLICES}); the "
+                        f"import replaces its output folder whole, so choose an empty or new one")
 
 
 def _concatenate(folder: Path, parts: list[int], kind: str, name: str, shape: tuple, dtype) -> None:

@@ -201,31 +201,45 @@ def nearest_slices(images, side: int, max_shift: int, candidates: int = 5) -> li
     return out
 
 
-def raw_thumbnails(raw: RawData, v: Validate) -> tuple[np.ndarray, list[str]]:
-    """Thumbnails (as `nearest_slices` compares them, unmoved) of every labelled and test slice of `raw`, and
-    their names: what `nearest_raw` compares other slices with."""
+def raw_thumbnails(raw: RawData, v: Validate) -> dict:
+    """Thumbnails (as `nearest_slices` compares them) of every labelled and test slice of `raw`, blurred ones to
+    rank them, and their names: what `nearest_raw` compares other slices with."""
     h, w = raw.images.shape[1:3]
-    f, rows, cols = _copy_grid(h, w, v.thumbnail_size, 0)
+    shift = v.near_duplicate_shift_px
+    f, rows, cols = _copy_grid(h, w, v.thumbnail_size, shift)
     thumbs, names = [], []
     for file, images in ((RAW_IMAGES, raw.images), (RAW_TEST_IMAGES, raw.test_images)):
         for i in range(len(images)):
             thumbs.append(_boxed(images[i, ..., 0], f)[0][np.ix_(rows, cols)])
             names.append(f"{file} {i}")
-    return np.stack(thumbs), names
+    blur = (0, max(1.0, shift / f), max(1.0, shift / f))
+    thumbs = np.stack(thumbs)
+    return {"thumbs": thumbs, "coarse": ndimage.gaussian_filter(thumbs, blur), "blur": blur, "names": names,
+            "grid": (f, rows, cols), "shift": shift}
 
 
-def nearest_raw(images: np.ndarray, thumbnails: tuple[np.ndarray, list[str]], v: Validate) -> list[tuple]:
+def nearest_raw(images: np.ndarray, raw: dict, candidates: int = 5) -> list[tuple]:
     """For each of `images` ((N, H, W), the raw slices' size): (distance, name) of the most similar labelled or
-    test slice: the mean absolute HU difference of their thumbnails (median removed; also mirrored)."""
-    thumbs, names = thumbnails
-    f, rows, cols = _copy_grid(*images.shape[1:3], v.thumbnail_size, 0)
+    test slice (`raw_thumbnails`): the mean absolute HU difference of their thumbnails, median removed, the
+    slice also mirrored and moved by up to validate.near_duplicate_shift_px pixels (as `nearest_slices`)."""
+    f, rows, cols = raw["grid"]
+    if not (rows.size and cols.size):
+        return [(np.inf, "")] * len(images)
+    shift = raw["shift"]
+    moves = [(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)]
     out = []
     for image in images:
         boxed = _boxed(image, f)[0]
-        d = np.minimum(np.abs(thumbs - boxed[np.ix_(rows, cols)]).mean((1, 2)),
-                       np.abs(thumbs - boxed[:, ::-1][np.ix_(rows, cols)]).mean((1, 2)))
-        j = int(np.argmin(d))
-        out.append((float(d[j]), names[j]))
+        best = (np.inf, "")
+        for view in (boxed, boxed[:, ::-1]):
+            coarse = ndimage.gaussian_filter(view[np.ix_(rows, cols)], raw["blur"][1:])
+            near = np.argsort(np.abs(raw["coarse"] - coarse).mean((1, 2)))[:candidates]
+            moved = np.stack([view[np.ix_(rows + dy, cols + dx)] for dy, dx in moves])
+            d = np.abs(moved[:, None] - raw["thumbs"][near][None]).mean((2, 3))  # (moves, candidates)
+            m, r = np.unravel_index(np.argmin(d), d.shape)
+            if d[m, r] < best[0]:
+                best = (float(d[m, r]), raw["names"][near[r]])
+        out.append(best)
     return out
 
 
