@@ -19,6 +19,12 @@ the choices made on all folds. Then the history, from the files of the old runne
   **/accuracy.json         its "pairs" ("A:B"): which runs were compared fold by fold (numbers recomputed here)
   first_network/*.json     one network of a recipe per fold, compared with the old default's first network
   pipeline*.json           benchmarks/pipeline.py: stage timings and the validation fold's scores
+  levers/levers.json       the levers tried against the shipped default, each {"what", "command", "against",
+                           "decision", "leak"?, "calibration"?}: its `covseg cv` folds in levers/NAME/fold<k>.json,
+                           paired fold by fold with the default's folds (against "default"), with its first
+                           network (against "first_network": the old default's `without_members`), or, for a
+                           choice of `covseg calibrate`, its nested entry (levers/<calibration>) with the shipped
+                           entry's nested calibrated scores (against "calibrated")
 and params.yaml, to say whether a run's model and train values are today's. Same files in, same page out.
 To add a result: `covseg cv --out benchmarks/results/cv/NAME`, then `covseg calibrate --cv
 benchmarks/results/cv/NAME`, commit its summary.json, fold<k>.json and per_slice.csv (not fold<k>.npz) and
@@ -296,6 +302,7 @@ def render(results: Path, params_file: Path, calibration_file: Path, source: str
     out += levers_section([runs[n] for n in order], label)
     out += pairs_section(pairs_of(results, runs, nested), runs, nested, label)
     out += nested_section(sorted(nested.values(), key=lambda n: (order.index(n["run"]), n["classes"])), label)
+    out += levers_tried(results, folders, calibration_file, default)
     out += first_network(results, default, label)
     out += pipeline(results)
     return "\n".join(out)
@@ -560,6 +567,70 @@ def first_network(results: Path, default: dict, label) -> list[str]:
             f"`{FIRST_NETWORK}/`: the scores of one network per fold, the recipe change in the file's name (these "
             "files record no params), paired with the first network of the default's folds "
             f"({label(default['name'])} without its second network). Machine: not recorded.\n", table(rows)]
+
+
+LEVERS_DIR = "levers"
+AGAINST = {"default": "the shipped default, fold by fold (both as `covseg cv` scored them: no inference choices)",
+           "first_network": "the default's first network (one network each; as `covseg cv` scored them)",
+           "calibrated": "the shipped default's nested calibrated scores (the same trained folds)"}
+
+
+def fold_scores(folder: Path) -> dict[int, dict]:
+    """{fold: metrics} of the fold<k>.json files of a `covseg cv` folder."""
+    out = {}
+    for file in sorted(folder.glob("fold[0-9]*.json")):
+        data = read_json(file)
+        with reading(file):
+            out[int(data["metrics"]["fold"])] = {m: float(data["metrics"][m]) for m in MEASURES}
+    if not out:
+        raise ResultsError(f"{folder}: no fold<k>.json")
+    return out
+
+
+def levers_tried(results: Path, folders: dict[Path, dict], calibration_file: Path, old: dict) -> list[str]:
+    """levers/levers.json: each lever against its baseline, fold by fold."""
+    index_file = results / LEVERS_DIR / "levers.json"
+    if not index_file.is_file():
+        return []
+    index = read_json(index_file)
+    entries = json.loads(calibration_file.read_text()) if calibration_file.is_file() else {}
+    shipped = next(((key, e) for key, e in entries.items()
+                    if (calibration_file.parent / e["cv"]["folder"]).resolve() in folders), None)
+    if shipped is None:
+        raise ResultsError(f"{index_file}: no entry of {calibration_file.name} has its folds among the results "
+                           f"(the default the levers are compared with)")
+    key, entry = shipped
+    default_folds = fold_scores((calibration_file.parent / entry["cv"]["folder"]).resolve())
+    calibrated = {f["fold"]: f["calibrated"] for f in entry["nested"]["per_fold"]}
+    first = {k: {m.split(".", 1)[1]: v for m, v in f.items() if m.startswith("without_members.")}
+             for k, f in old["per_fold"].items()}
+    rows, means = [], []
+    for name, lever in index.items():
+        with reading(index_file):
+            against, what, decision = lever["against"], lever["what"], lever["decision"]
+            base = {"default": default_folds, "first_network": first, "calibrated": calibrated}[against]
+        if against == "calibrated":
+            file = results / LEVERS_DIR / lever["calibration"]
+            with reading(file):
+                (lever_entry,) = read_json(file).values()  # a calibration file of one entry
+                folds = {f["fold"]: f["calibrated"] for f in lever_entry["nested"]["per_fold"]}
+        else:
+            folds = fold_scores(results / LEVERS_DIR / name)
+        label = f"{name}{' (leaks: optimistic)' if lever.get('leak') else ''}"
+        rows.append({"lever": label, "against": against, "folds": len(folds.keys() & base.keys()),
+                     **{MEASURES[m]: delta(folds, base, m) for m in NESTED}, "kept": decision})
+        means.append({"lever": label, "what": what, "command": f"`{lever['command']}`",
+                      **{MEASURES[m]: mean_std([f[m] for f in folds.values()]) for m in NESTED}})
+    return ["## Levers for consolidation and unlabelled scans\n",
+            "Each lever cross-validated on the same 5 folds of the 51 labelled MedSeg slices, against: "
+            + "; ".join(f"**{k}**, {v}" for k, v in AGAINST.items())
+            + f". The shipped default is `{key}`. A cell is the lever's score less its baseline's, mean ± std over "
+            "the folds (on how many folds the lever is higher). A lever is kept only when it wins beyond the fold "
+            "spread. A lever marked *leaks* learns from labels that another model made after training on these "
+            "same labelled slices (Inf-Net's pseudo-labels of COVID-SemiSeg): in cross-validation they carry each "
+            "held-out fold's labels, so its gain is optimistic; the honest figure for unlabelled scans is the "
+            "one that uses their images alone.\n", table(rows),
+            "The levers' own scores, mean ± std over the folds:\n", table(means)]
 
 
 def pipeline(results: Path) -> list[str]:

@@ -299,3 +299,26 @@ def test_a_missing_or_garbled_file_is_one_error_naming_it(tmp_path, monkeypatch,
     with pytest.raises(SystemExit, match="error: .*" + re.escape(named)):
         generate(monkeypatch, tmp_path, tmp_path / "out.md")
     assert not (tmp_path / "out.md").exists()
+
+
+def test_a_lever_is_its_score_less_its_baselines_fold_by_fold(tmp_path):
+    results = make_all(tmp_path)
+    (results / "levers").mkdir()
+    # against the shipped default's folds (0.4, 0.7, 0.1): a lever scoring 0.5, 0.6, 0.4
+    lever = write_folder(results, "self", {0: 0.5, 1: 0.6, 2: 0.4}, key="another")
+    lever.rename(results / "levers" / "self")
+    # against the shipped entry's nested calibrated ground-glass Dice (0.6, 0.8, 0.4): a calibration of one entry
+    entry = json.loads(write_calibration(tmp_path).read_text())[KEY]
+    for f, dice in zip(entry["nested"]["per_fold"], (0.7, 0.8, 0.1)):
+        f["calibrated"]["dice_ggo"] = dice
+    (results / "levers" / "offset.json").write_text(json.dumps({"k2": entry}))
+    (results / "levers" / "levers.json").write_text(json.dumps({
+        "self": {"what": "w", "command": "covseg cv", "against": "default", "decision": "no", "leak": True},
+        "offset": {"what": "o", "command": "covseg calibrate", "against": "calibrated", "calibration": "offset.json",
+                   "decision": "no"}}))
+    levers = section(page(tmp_path), "Levers for consolidation and unlabelled scans")
+    assert row(levers, "self (leaks: optimistic)")[1:4] == ["default", "3", "+0.100 ± 0.200 (2/3)"]
+    assert row(levers, "offset")[1:4] == ["calibrated", "3", "-0.067 ± 0.208 (1/3)"]
+    (results / "levers" / "self" / "fold0.json").unlink()
+    levers = section(page(tmp_path), "Levers for consolidation and unlabelled scans")
+    assert row(levers, "self (leaks: optimistic)")[2] == "2", "only the folds both have"
