@@ -23,6 +23,7 @@ the choices made on all folds. Then the history, from the files of the old runne
                            "decision", "leak"?, "calibration"?}: its `covseg cv` folds in levers/NAME/fold<k>.json,
                            paired fold by fold with the default's folds (against "default"), with its first
                            network (against "first_network": the old default's `without_members`), or, for a
+                           run of the old runner, its fold files ("folds": a pattern under the results), or, for a
                            choice of `covseg calibrate`, its nested entry (levers/<calibration>) with the shipped
                            entry's nested calibrated scores (against "calibrated")
 and params.yaml, to say whether a run's model and train values are today's. Same files in, same page out.
@@ -575,15 +576,15 @@ AGAINST = {"default": "the shipped default, fold by fold (both as `covseg cv` sc
            "calibrated": "the shipped default's nested calibrated scores (the same trained folds)"}
 
 
-def fold_scores(folder: Path) -> dict[int, dict]:
-    """{fold: metrics} of the fold<k>.json files of a `covseg cv` folder."""
+def fold_scores(folder: Path, pattern: str = "fold[0-9]*.json") -> dict[int, dict]:
+    """{fold: metrics} of the fold files of a `covseg cv` folder (or those `pattern` names under `folder`)."""
     out = {}
-    for file in sorted(folder.glob("fold[0-9]*.json")):
+    for file in sorted(folder.glob(pattern)):
         data = read_json(file)
         with reading(file):
             out[int(data["metrics"]["fold"])] = {m: float(data["metrics"][m]) for m in MEASURES}
     if not out:
-        raise ResultsError(f"{folder}: no fold<k>.json")
+        raise ResultsError(f"{folder}: no {pattern}")
     return out
 
 
@@ -614,6 +615,8 @@ def levers_tried(results: Path, folders: dict[Path, dict], calibration_file: Pat
             with reading(file):
                 (lever_entry,) = read_json(file).values()  # a calibration file of one entry
                 folds = {f["fold"]: f["calibrated"] for f in lever_entry["nested"]["per_fold"]}
+        elif "folds" in lever:  # an older run's fold files
+            folds = fold_scores(results, lever["folds"])
         else:
             folds = fold_scores(results / LEVERS_DIR / name)
         label = f"{name}{' (leaks: optimistic)' if lever.get('leak') else ''}"
