@@ -10,7 +10,7 @@ import sys
 import time
 
 from covseg.errors import CovsegError
-from covseg.names import PATHS
+from covseg.names import INTENSITIES, PATHS
 from covseg.params import Params, compose, load_params
 
 
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     unl.add_argument("--rotate", type=int, choices=range(4), default=0,
                      help="quarter turns counter-clockwise that bring each slice to the usual axial view "
                           "(front up, patient's right on the left); weak labels turn with it (default 0)")
-    unl.add_argument("--intensity", choices=("hu", "match"), default="hu",
+    unl.add_argument("--intensity", choices=INTENSITIES, default="hu",
                      help="hu: values as read (NIfTI, DICOM; PNG/JPG by predict.png_hu_*); match: 8-bit exports of "
                           "unknown windows, mapped per volume onto the labelled slices' HU inside their lungs' "
                           "bounding box (default hu)")

@@ -39,6 +39,7 @@ RAW_IMAGES, RAW_MASKS, RAW_TEST_IMAGES, SLICE_IDS = (
     "images_medseg.npy", "masks_medseg.npy", "test_images_medseg.npy", "slice_ids.json")
 # An unlabelled folder (covseg.unlabelled): slices, optional weak labels, one row a slice.
 UNLABELLED_IMAGES, UNLABELLED_WEAK, UNLABELLED_SLICES = "images.npy", "weak.npy", "slices.csv"
+INTENSITIES = ("hu", "match")  # how an unlabelled import reads values: as HU, or matched to the labelled slices
 SUBMISSION_CSV, TEST_MASKS = "submission.csv", "test_masks.npy"  # in PATHS.submission
 PARTS = ("train", "val", "test")
 SPLIT_FILE = "split.json"

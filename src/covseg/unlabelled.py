@@ -1,4 +1,5 @@
-"""Unlabelled scans: slices of other patients, without the four-class labels, for semi-supervised training.
+"""Unlabelled scans: slices of other patients, without the four-class labels. No shipped recipe trains on
+them: self-training on their images and their weak labels were cross-validated and not kept (docs/decisions.md).
 
 `covseg data import-unlabelled` reads scans as `covseg predict` does (NIfTI, DICOM, PNG/JPG, .npy; folders
 searched), turns each slice as told (`rotate`: quarter turns, for exports stored turned), maps its values to
@@ -34,19 +35,19 @@ from scipy import ndimage
 from covseg.atomic import atomic_output
 from covseg.data import RawData, load_raw, one_hot_to_index
 from covseg.errors import DataError
-from covseg.names import NUM_CLASSES, UNLABELLED_IMAGES, UNLABELLED_SLICES, UNLABELLED_WEAK
+from covseg.names import INTENSITIES, NUM_CLASSES, UNLABELLED_IMAGES, UNLABELLED_SLICES, UNLABELLED_WEAK
 from covseg.params import Predict, Validate
+from covseg.scans import IMAGE, find_sources, read_scan, stem
 from covseg.validation import ContractError, name_rows, nearest_raw, raw_thumbnails, run_suite, to_jsonable
 
 QUANTILES = np.linspace(0.5, 99.5, 100)  # the landmarks `match` maps
-INTENSITIES = ("hu", "match")
 WEAK_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def group_of(name: str) -> str:
     """The volume a slice file belongs to: its stem without a trailing `_<number>` (`vol_12.jpg` -> `vol`)."""
-    stem = name.split(".", 1)[0]
-    return re.sub(r"_\d+$", "", stem) or stem
+    name = stem(Path(name))
+    return re.sub(r"_\d+$", "", name) or name
 
 
 def reference_quantiles(raw: RawData) -> np.ndarray:
@@ -76,20 +77,18 @@ def matching(slices: list[np.ndarray], reference: np.ndarray, group: str):
     return lambda hu: np.interp(hu, xs, ys)
 
 
-def fit(image: np.ndarray, shape: tuple[int, int], order: int = 1) -> np.ndarray:
+def fit(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """`image` scaled down to fit `shape` if larger (keeping its aspect), centred, its edges repeated to fill."""
     h, w = image.shape
     factor = min(1.0, shape[0] / h, shape[1] / w)
     if factor < 1.0:
-        image = ndimage.zoom(image, factor, order=order, grid_mode=True, mode="nearest")[:shape[0], :shape[1]]
+        image = ndimage.zoom(image, factor, order=1, grid_mode=True, mode="nearest")[:shape[0], :shape[1]]
         h, w = image.shape
     top, left = (shape[0] - h) // 2, (shape[1] - w) // 2
     return np.pad(image, ((top, shape[0] - h - top), (left, shape[1] - w - left)), mode="edge")
 
 
 def _weak_file(weak_dir: Path, source: Path) -> Path:
-    from covseg.scans import stem
-
     for ext in WEAK_SUFFIXES:
         if (weak_dir / f"{stem(source)}{ext}").is_file():
             return weak_dir / f"{stem(source)}{ext}"
@@ -132,8 +131,7 @@ def _facts(hu: np.ndarray, weak: np.ndarray | None, source: str, index: int, gro
     finite = np.isfinite(hu)
     values = hu[finite] if finite.any() else np.array([np.nan])
     row = {"file": source, "index": index, "group": group, "nonfinite": int((~finite).sum()),
-           "hu_range": float(values.max() - values.min()), "hu_p01": float(np.percentile(values, 1)),
-           "has_weak": weak is not None}
+           "hu_range": float(values.max() - values.min()), "hu_p01": float(np.percentile(values, 1))}
     if weak is not None:
         row["weak_fraction"] = float((weak >= 128).mean())
     return row
@@ -166,8 +164,6 @@ def import_unlabelled(inputs: Iterable[str | Path], out: str | Path, raw: str | 
     """Read the scans of `inputs`, check them, and write them to the folder `out` in one rename (on any error
     `out` stays as it was). `raw` is the labelled data (its slice size, its intensities for `match`, its
     slices for the copy check). Returns {"report", "slices", "groups"}."""
-    from covseg.scans import IMAGE, find_sources, read_scan, stem
-
     if intensity not in INTENSITIES:
         raise DataError(f"intensity {intensity!r}: expected one of {', '.join(INTENSITIES)}")
     if rotate not in range(4):
