@@ -117,9 +117,12 @@ def test_every_torch_the_project_installs_has_the_weights_only_fix():
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-# python and pip of a fake .venv: log each call; torch is $FAKE_TORCH (none when empty)
+# python, pip and uv of a fake .venv: log each call; torch is $FAKE_TORCH (none when empty), inside .venv when
+# $FAKE_TORCH_IN_VENV is set (else the machine's own); uv exits with $FAKE_UV_RC
 echo "$(basename "$0") $*" >> "$CALLS"
+[ "$(basename "$0")" = uv ] && exit "${FAKE_UV_RC:-0}"
 case "$*" in
+  *"torch.__file__"*) [ -n "$FAKE_TORCH_IN_VENV" ] && echo True ;;
   *"print(torch.__version__)"*) [ -n "$FAKE_TORCH" ] && echo "$FAKE_TORCH" || exit 1 ;;
   *"import torch"*) [ -n "$FAKE_TORCH" ] || exit 1 ;;
 esac
@@ -136,7 +139,7 @@ def _setup(tmp_path: Path, installed: str, env: dict | None = None) -> tuple[sub
     (repo / "data" / "raw" / "images_medseg.npy").touch()  # data present: setup pulls nothing
     bin_ = repo / ".venv" / "bin"
     bin_.mkdir(parents=True)
-    for name in ("python", "pip"):
+    for name in ("python", "pip", "uv"):
         (bin_ / name).write_text(FAKE_PYTHON)
         (bin_ / name).chmod(0o755)
     (bin_ / "activate").write_text(f'export PATH="{bin_}:$PATH"\n')
@@ -170,6 +173,17 @@ def test_setup_keeps_or_installs_a_torch_with_the_fix(tmp_path, installed):
         assert f"setup: using the installed torch {installed}" in out.stdout and "torch==" not in calls
     else:
         assert "pip install -q torch==2.13.0" in calls
+
+
+@pytest.mark.parametrize(("in_venv", "uv_rc", "installer"), [("1", "0", "uv pip"), ("1", "1", "pip"), ("", "0", "pip")])
+def test_setup_installs_the_lock_with_uv_only_beside_its_own_torch(tmp_path, in_venv, uv_rc, installer):
+    """uv where torch sits in .venv; pip where uv fails, or where torch is the machine's own (uv would not see it
+    and would fetch another build)."""
+    out, calls = _setup(tmp_path, "2.13.0+cpu", {"FAKE_TORCH_IN_VENV": in_venv, "FAKE_UV_RC": uv_rc})
+    assert out.returncode == 0, out.stderr
+    installs = [line for line in calls.splitlines() if line.endswith("install -q -c requirements.lock -e .[test]")]
+    assert installs[-1] == f"{installer} install -q -c requirements.lock -e .[test]", calls
+    assert ("uv pip install -q -c requirements.lock -e .[test]" in calls) == bool(in_venv), calls
 
 
 # ----------------------------------------------------------------------------- secrets
