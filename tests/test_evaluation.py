@@ -20,6 +20,14 @@ def test_confusion_matrix_by_hand():
     assert cm.tolist() == [[2, 1, 0, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 0, 0, 3]]
 
 
+@pytest.mark.parametrize("bad", [4, 64, 255, -1])
+def test_confusion_matrix_refuses_a_class_index_out_of_range(bad):
+    labels = np.array(LABELS, dtype=np.int64)
+    labels.flat[0] = bad  # 64 * 4 and 255 * 4 wrap around in uint8 arithmetic; -1 becomes 255
+    with pytest.raises(ValueError, match="class index"):
+        confusion_matrix(labels, PREDS)
+
+
 def test_scores_by_hand():
     scores = class_scores(confusion_matrix(LABELS, PREDS))
     # ground glass: tp 2, fp 1 (a lung pixel), fn 1 -> P 2/3, R 2/3, F1 2/3, IoU 2/4

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from covseg.errors import CovsegError
-from covseg.model import Segmenter, UNet, build_model, load_checkpoint, predict_labels, save_checkpoint
+from covseg.model import Segmenter, UNet, build_model, class_index, load_checkpoint, predict_labels, save_checkpoint
 
 
 @pytest.mark.parametrize("depth,base", [(1, 4), (3, 8), (4, 16)])
@@ -97,3 +97,12 @@ def test_a_gpu_device_on_a_machine_without_one_is_one_error():
     with pytest.raises(CovsegError, match="device 'cuda:1'"):
         pick_device("cuda:1")
     assert pick_device("cpu").type == "cpu"
+
+
+def test_class_index_is_argmax_over_the_classes_ties_to_the_lower():
+    logits = torch.randn(3, 4, 9, 7)
+    logits[0, :, 0, 0] = torch.tensor([1.0, 2.0, 2.0, 0.0])  # a tie between classes 1 and 2
+    logits[1, :, 2, 3] = 5.0  # all four tie
+    found = class_index(logits)
+    assert found.dtype == torch.uint8 and found.shape == (3, 9, 7)
+    assert torch.equal(found.long(), logits.argmax(1)) and found[0, 0, 0] == 1 and found[1, 2, 3] == 0

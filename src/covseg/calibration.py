@@ -24,7 +24,7 @@ import torch
 from covseg.atomic import write_json
 from covseg.errors import CovsegError
 from covseg.evaluation import confusion_matrix, dice_metrics, summary_metrics, trivial_score
-from covseg.model import Segmenter, remove_islands, valid_choices
+from covseg.model import Segmenter, class_index, remove_islands, valid_choices
 from covseg.names import CV_METRICS, DICE, KAGGLE_F1, NUM_CLASSES, SCORED, SHORT
 from covseg.params import Calibrate
 
@@ -103,7 +103,7 @@ def oof_metrics(entry: dict | None) -> dict:
 def labels_of(logits: np.ndarray, bias, min_island: int = 0) -> np.ndarray:
     """Class indices of (N, C, H, W) logits with `bias` (C,) added, findings under `min_island` px removed."""
     shifted = torch.from_numpy(np.asarray(logits)).float() + torch.tensor(bias, dtype=torch.float32)[:, None, None]
-    labels = shifted.argmax(1).numpy().astype(np.uint8)
+    labels = class_index(shifted).numpy()
     return remove_islands(labels, shifted.numpy(), min_island) if min_island > 0 else labels
 
 
