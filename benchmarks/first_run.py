@@ -4,7 +4,7 @@ benchmarks/results/<name>.json.
 
     python benchmarks/first_run.py                                    # this machine
     benchmarks/avx2/run python benchmarks/first_run.py --name first_run_avx2   # as without native bfloat16
-    python benchmarks/first_run.py --no-pip-cache   # pip's cache off (pip's configured index still serves)
+    python benchmarks/first_run.py --no-pip-cache   # pip's and uv's caches off (their indexes still serve)
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def first_run(rev: str, pip_cache: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "MLFLOW_TRACKING_URI")}
     env["PATH"] = ":".join(p for p in env["PATH"].split(":") if ".venv" not in p)  # the clone's own .venv only
     if not pip_cache:
-        env["PIP_NO_CACHE_DIR"] = "1"
+        env["PIP_NO_CACHE_DIR"] = env["UV_NO_CACHE"] = "1"
     with tempfile.TemporaryDirectory(prefix="covseg-first-run-") as tmp:
         clone = Path(tmp) / "covseg"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
@@ -48,7 +48,7 @@ def first_run(rev: str, pip_cache: bool) -> dict:
         metrics = json.loads((clone / "reports/metrics.json").read_text())
     stages = {name: float(s) for name, s in re.findall(r"\[covseg (\w+)\] done in ([\d.]+)s", out)}
     return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "commit": commit,
-            "pip_cache": "warm (this machine's)" if pip_cache else "none (PIP_NO_CACHE_DIR=1)",
+            "pip_cache": "warm (this machine's)" if pip_cache else "none (PIP_NO_CACHE_DIR=1, UV_NO_CACHE=1)",
             "setup_s": round(setup_s, 1), "dvc_repro_s": round(repro_s, 1), "first_run_s": round(setup_s + repro_s, 1),
             "stages_s": stages, "kaggle_f1": metrics.get("kaggle_f1"), "calibrated": metrics.get("calibrated")}
 
@@ -57,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", default="HEAD", help="the commit to clone (default HEAD)")
     ap.add_argument("--name", default="first_run", help="the result's file name under benchmarks/results/")
-    ap.add_argument("--no-pip-cache", action="store_true", help="set PIP_NO_CACHE_DIR=1 for the set-up")
+    ap.add_argument("--no-pip-cache", action="store_true", help="set PIP_NO_CACHE_DIR=1 and UV_NO_CACHE=1 for the set-up")
     args = ap.parse_args()
     result = first_run(args.rev, not args.no_pip_cache)
     out = ROOT / "benchmarks" / "results" / f"{args.name}.json"
