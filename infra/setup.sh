@@ -62,7 +62,7 @@ fi
 # Training speed: without native bfloat16 (AVX512-BF16 or AMX) a CPU trains the default in float32, 2.5-4x slower.
 if python -c "from covseg.model import bf16_autocast, pick_device; d = pick_device(); raise SystemExit(d.type != 'cpu' or bf16_autocast(d))"; then
     echo "setup: note: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so the default's two networks train"
-    echo "      in float32, 2.5-4x slower: 'dvc repro' takes about 5.5 minutes on the embedded data (estimated; 100 s"
+    echo "      in float32, 2.5-4x slower: 'dvc repro' takes about 5 minutes on the embedded data (estimated; 108 s"
     echo "      with it) and about 35 on the real data (estimated). 'dvc exp run -S recipe=fast' runs the one-network"
     echo "      recipe instead: 12.5 minutes on the real data, measured on such a CPU (docs/performance.md)."
 fi
