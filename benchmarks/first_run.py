@@ -57,7 +57,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", default="HEAD", help="the commit to clone (default HEAD)")
     ap.add_argument("--name", default="first_run", help="the result's file name under benchmarks/results/")
-    ap.add_argument("--no-pip-cache", action="store_true", help="set PIP_NO_CACHE_DIR=1 and UV_NO_CACHE=1 for the set-up")
+    ap.add_argument("--no-pip-cache", action="store_true",
+                    help="set PIP_NO_CACHE_DIR=1 and UV_NO_CACHE=1 for the set-up")
     args = ap.parse_args()
     result = first_run(args.rev, not args.no_pip_cache)
     out = ROOT / "benchmarks" / "results" / f"{args.name}.json"

@@ -1,4 +1,4 @@
-"""benchmarks/machine.py: the line every benchmark result names its machine with."""
+"""benchmarks/machine.py: the line every benchmark result names its machine with; benchmarks/epoch.py."""
 import sys
 from pathlib import Path
 
@@ -6,6 +6,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import epoch  # noqa: E402  (benchmarks/epoch.py)
 import machine  # noqa: E402  (benchmarks/machine.py)
 
 
@@ -28,3 +29,8 @@ def test_machine_names_the_cpu_and_whether_it_trains_in_bfloat16(monkeypatch):
         monkeypatch.setattr(covseg.model, "bf16_autocast", lambda device, native=native: native)
         line = machine.machine()
         assert label in line and torch.__version__ in line
+
+
+def test_epoch_benchmark_times_each_epoch_of_the_default_network():
+    seconds = epoch.seconds_per_epoch(slices=3, size=32, epochs=2)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
