@@ -42,7 +42,7 @@ else
         --extra-index-url https://pypi.org/simple   # CPU machine: the CPU build
 fi
 # everything else at the exact versions tested (requirements.lock; docs/operations.md "Dependencies" says how to
-# refresh), by uv where torch sits in .venv (17 s against pip's 47 s here), compiled to .pyc now as pip does (else
+# refresh), by uv where torch sits in .venv (about 20 s against pip's 47 s here), compiled to .pyc now as pip does (else
 # every process compiles what it imports where PYTHONDONTWRITEBYTECODE is set: CI took 2x as long); pip where uv
 # can't be had or fails, and where torch is the machine's own (uv would not see it in the system's site-packages)
 if [ -z "$(python -c 'import sys, torch; print(torch.__file__.startswith(sys.prefix) or "")' 2>/dev/null)" ] \
