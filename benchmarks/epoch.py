@@ -8,14 +8,13 @@ benchmarks/results/<name>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from machine import machine  # benchmarks/machine.py
+from machine import machine, write_result  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,10 +49,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     result = {"machine": machine(), "date": started, "commit": commit.strip(), "slices": args.slices, "size": args.size,
               "epochs_s": seconds, "seconds_per_epoch": round(float(np.median(steady)), 2)}
-    out = ROOT / "benchmarks" / "results" / f"{args.name}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
-    print(f"-> {out}")
+    write_result(args.name, result)
 
 
 if __name__ == "__main__":

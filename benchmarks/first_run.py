@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import machine  # benchmarks/machine.py
+from machine import machine, write_result  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,10 +61,7 @@ def main() -> None:
                     help="set PIP_NO_CACHE_DIR=1 and UV_NO_CACHE=1 for the set-up")
     args = ap.parse_args()
     result = first_run(args.rev, not args.no_pip_cache)
-    out = ROOT / "benchmarks" / "results" / f"{args.name}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
-    print(f"-> {out}")
+    write_result(args.name, result)
 
 
 if __name__ == "__main__":

@@ -27,5 +27,16 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
+def write_result(name: str, result: dict) -> Path:
+    """benchmarks/results/<name>.json: `result`, also printed."""
+    import json
+
+    out = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    print(f"-> {out}")
+    return out
+
+
 if __name__ == "__main__":
     print(machine())
