@@ -8,13 +8,12 @@ benchmarks/results/<name>.json.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from machine import machine, write_result  # benchmarks/machine.py
+from machine import commit, machine, write_result  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +45,7 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d")
     seconds = seconds_per_epoch(args.slices, args.size, args.epochs)
     steady = seconds[1:] or seconds
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    result = {"machine": machine(), "date": started, "commit": commit.strip(), "slices": args.slices, "size": args.size,
+    result = {"machine": machine(), "date": started, "commit": commit(ROOT), "slices": args.slices, "size": args.size,
               "epochs_s": seconds, "seconds_per_epoch": round(float(np.median(steady)), 2)}
     write_result(args.name, result)
 

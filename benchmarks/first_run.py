@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import machine, write_result  # benchmarks/machine.py
+from machine import commit, machine, write_result  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,13 +41,12 @@ def first_run(rev: str, pip_cache: bool) -> dict:
         clone = Path(tmp) / "covseg"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
         subprocess.run(["git", "checkout", "-q", rev], cwd=clone, check=True)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True,
-                                text=True, check=True).stdout.strip()
+        sha = commit(clone)
         setup_s, _ = timed("bash infra/setup.sh", clone, env)
         repro_s, out = timed(". .venv/bin/activate && dvc repro", clone, env)
         metrics = json.loads((clone / "reports/metrics.json").read_text())
     stages = {name: float(s) for name, s in re.findall(r"\[covseg (\w+)\] done in ([\d.]+)s", out)}
-    return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "commit": commit,
+    return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "commit": sha,
             "pip_cache": "warm (this machine's)" if pip_cache else "none (PIP_NO_CACHE_DIR=1, UV_NO_CACHE=1)",
             "setup_s": round(setup_s, 1), "dvc_repro_s": round(repro_s, 1), "first_run_s": round(setup_s + repro_s, 1),
             "stages_s": stages, "kaggle_f1": metrics.get("kaggle_f1"), "calibrated": metrics.get("calibrated")}

@@ -27,6 +27,14 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
+def commit(repo: Path) -> str:
+    """The short hash of `repo`'s HEAD."""
+    import subprocess
+
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def write_result(name: str, result: dict) -> Path:
     """benchmarks/results/<name>.json: `result`, also printed."""
     import json

@@ -46,7 +46,8 @@ fi
 # every process compiles what it imports where PYTHONDONTWRITEBYTECODE is set: CI took 2x as long); pip where uv
 # can't be had or fails, and where torch is the machine's own (uv would not see it in the system's site-packages)
 if [ -z "$(python -c 'import sys, torch; print(torch.__file__.startswith(sys.prefix) or "")' 2>/dev/null)" ] \
-    || ! { pip install -q -c requirements.lock uv && uv pip install -q --compile-bytecode -c requirements.lock -e ".[test]"; }; then
+    || ! { pip install -q -c requirements.lock uv \
+           && uv pip install -q --compile-bytecode -c requirements.lock -e ".[test]"; }; then
     pip install -q -c requirements.lock -e ".[test]"
 fi
 
