@@ -139,11 +139,11 @@ def test_deployments_run_on_the_pools_workers(new_project, prefect_env, tmp_path
                     for r in client.search_runs([runs[0].info.experiment_id, cv_experiment])]
             assert len(seen) == 3 and set(seen) <= set(pins), seen
 
-            # batch prediction: 2 volumes in chunks of 1, each chunk a predict-chunk/gpu run on the gpu pool
+            # batch prediction: 4 volumes in chunks of 1, each chunk a predict-chunk/gpu run on the gpu pool
             scans = tmp_path / "scans"
             scans.mkdir()
             rng = np.random.default_rng(0)
-            for i in range(2):
+            for i in range(4):
                 volume = rng.choice([-1000, -700, -200, 100], size=(48, 40, 3)).astype(np.int16)
                 nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.5, 1])), scans / f"ct{i}.nii.gz")
             start = time.time()
@@ -151,16 +151,15 @@ def test_deployments_run_on_the_pools_workers(new_project, prefect_env, tmp_path
                                         "model": "models:/covseg-unet/1", "chunk_size": 1}], project, env)
             predict_time = time.time() - start
             report = json.loads((tmp_path / "pred" / PREDICT_REPORT_JSON).read_text())
-            assert report["summary"]["failed"] == 0 and len(report["scans"]) == 2
+            assert report["summary"]["failed"] == 0 and len(report["scans"]) == 4
             assert all(nib.load(tmp_path / "pred" / s["labels"]).shape == (48, 40, 3) for s in report["scans"])
             chunk_runs = _flow_runs("predict-chunk", project, env)
-            assert len(chunk_runs) == 2 and all(state == "Completed" for state, _ in chunk_runs)
-            for log in ("worker-0.log", "worker-1.log"):  # the pool's two workers share the batch (one busy with a
-                # chunk takes no other: --limit 1)
+            assert len(chunk_runs) == 4 and all(state == "Completed" for state, _ in chunk_runs)
+            for log in ("worker-0.log", "worker-1.log"):  # the pool's two workers share the batch
                 took = (tmp_path / log).read_text()
                 assert any(f"submitting flow run '{run_id}'" in took for _, run_id in chunk_runs), log
             print(f"cross-validation of 2 folds over 2 workers {cv_time:.0f}s; one run {one_run:.0f}s; "
-                  f"2 volumes predicted in 2 chunks over 2 workers {predict_time:.0f}s")
+                  f"4 volumes predicted in 4 chunks over 2 workers {predict_time:.0f}s")
     finally:
         shell.run(["bash", "infra/stop.sh"], project, env)
     assert _gone(control_pid), "infra/stop.sh stopped the control worker"
