@@ -2,8 +2,10 @@
 (training speed differs 2.5-4x between 2-core CPUs with and without native bfloat16)."""
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 
@@ -29,16 +31,12 @@ def machine() -> str:
 
 def commit(repo: Path) -> str:
     """The short hash of `repo`'s HEAD."""
-    import subprocess
-
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                           check=True).stdout.strip()
 
 
 def write_result(name: str, result: dict) -> Path:
     """benchmarks/results/<name>.json: `result`, also printed."""
-    import json
-
     out = Path(__file__).resolve().parent / "results" / f"{name}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
