@@ -24,11 +24,20 @@ def test_cpu_model_without_cpuinfo_is_not_empty(tmp_path):
 def test_machine_names_the_cpu_and_whether_it_trains_in_bfloat16(monkeypatch):
     import covseg.model
 
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)  # also under benchmarks/avx2/run
     for native, label in ((True, "(" + machine.cpu_model() + ", native bfloat16)"),
                           (False, "(" + machine.cpu_model() + ", no native bfloat16)")):
         monkeypatch.setattr(covseg.model, "bf16_autocast", lambda device, native=native: native)
         line = machine.machine()
         assert label in line and torch.__version__ in line
+
+
+def test_machine_says_when_it_emulates_a_cpu_without_native_bfloat16(monkeypatch):
+    import covseg.model
+
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # as benchmarks/avx2/run sets it
+    monkeypatch.setattr(covseg.model, "bf16_autocast", lambda device: False)
+    assert "(" + machine.cpu_model() + ", no native bfloat16, emulating avx2 only)" in machine.machine()
 
 
 def test_epoch_benchmark_times_each_epoch_of_the_default_network():
