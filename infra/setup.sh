@@ -19,8 +19,10 @@ require_safe_torch() {  # $1: a torch version
 }
 
 if [ ! -x .venv/bin/python ]; then
-    # a machine whose Python already has torch (a GPU image with its CUDA build) keeps using it
-    if "$PYTHON" -c "import torch" 2>/dev/null; then "$PYTHON" -m venv --system-site-packages .venv
+    # a machine whose Python already has torch (a GPU image with its CUDA build) keeps using it; not a torch of
+    # another activated virtual environment: the new one would see the machine's site-packages, not that one's
+    if "$PYTHON" -c "import sys, torch; sys.exit(sys.prefix != sys.base_prefix)" 2>/dev/null; then
+        "$PYTHON" -m venv --system-site-packages .venv
     else "$PYTHON" -m venv .venv; fi
 fi
 . .venv/bin/activate

@@ -188,6 +188,43 @@ def test_setup_installs_the_lock_with_uv_only_beside_its_own_torch(tmp_path, in_
     assert (by_uv in calls) == bool(in_venv), calls
 
 
+
+FAKE_BASE_PYTHON = """#!/usr/bin/env bash
+# the python that makes .venv ($PYTHON): torch imports; from a virtual environment of its own when
+# $FAKE_OTHER_VENV is set (an activated venv), else from the machine's site-packages; `-m venv` makes a fake .venv
+echo "base $*" >> "$CALLS"
+case "$*" in
+  *"-m venv"*) mkdir -p .venv/bin && for n in python pip uv; do cp "$FAKE_VENV_PY" .venv/bin/$n; done
+               echo 'export PATH="$PWD/.venv/bin:$PATH"' > .venv/bin/activate ;;
+  *base_prefix*) [ -z "$FAKE_OTHER_VENV" ] ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("other_venv", ["", "1"])
+def test_setup_shares_only_the_machines_own_torch(tmp_path, other_venv):
+    """A machine whose Python has torch (a GPU image) gets a .venv that sees it; run from another activated
+    virtual environment with torch, setup makes a plain .venv: the new one would see the machine's
+    site-packages (other packages, and no torch), not that environment's."""
+    repo = tmp_path / "repo"
+    (repo / "infra").mkdir(parents=True)
+    shutil.copy(ROOT / "infra" / "setup.sh", repo / "infra" / "setup.sh")
+    (repo / "data" / "raw").mkdir(parents=True)
+    (repo / "data" / "raw" / "images_medseg.npy").touch()
+    fakes = {"base": tmp_path / "base-python", "venv": tmp_path / "venv-python"}
+    fakes["base"].write_text(FAKE_BASE_PYTHON)
+    fakes["venv"].write_text(FAKE_PYTHON)
+    for f in fakes.values():
+        f.chmod(0o755)
+    calls = tmp_path / "calls"
+    calls.touch()
+    out = _bash("bash infra/setup.sh", repo, {"PYTHON": str(fakes["base"]), "FAKE_VENV_PY": str(fakes["venv"]),
+                                              "FAKE_OTHER_VENV": other_venv, "FAKE_TORCH": "2.13.0+cpu",
+                                              "CALLS": str(calls)})
+    assert out.returncode == 0, out.stderr
+    (made,) = [line for line in calls.read_text().splitlines() if "-m venv" in line]
+    assert made == ("base -m venv .venv" if other_venv else "base -m venv --system-site-packages .venv")
+
 # ----------------------------------------------------------------------------- secrets
 
 
