@@ -129,14 +129,19 @@ esac
 """
 
 
-def _setup(tmp_path: Path, installed: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, str]:
-    """infra/setup.sh in a copy of the project whose .venv is fakes (python, pip) with torch `installed`
-    ('' for none); returns its result and the calls the fakes got."""
-    repo = tmp_path / f"repo-{installed or 'none'}"
+def _setup_repo(repo: Path) -> Path:
+    """A folder with infra/setup.sh and data in data/raw (setup pulls nothing), no .venv yet."""
     (repo / "infra").mkdir(parents=True)
     shutil.copy(ROOT / "infra" / "setup.sh", repo / "infra" / "setup.sh")
     (repo / "data" / "raw").mkdir(parents=True)
-    (repo / "data" / "raw" / "images_medseg.npy").touch()  # data present: setup pulls nothing
+    (repo / "data" / "raw" / "images_medseg.npy").touch()
+    return repo
+
+
+def _setup(tmp_path: Path, installed: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, str]:
+    """infra/setup.sh in a copy of the project whose .venv is fakes (python, pip) with torch `installed`
+    ('' for none); returns its result and the calls the fakes got."""
+    repo = _setup_repo(tmp_path / f"repo-{installed or 'none'}")
     bin_ = repo / ".venv" / "bin"
     bin_.mkdir(parents=True)
     for name in ("python", "pip", "uv"):
@@ -188,7 +193,6 @@ def test_setup_installs_the_lock_with_uv_only_beside_its_own_torch(tmp_path, in_
     assert (by_uv in calls) == bool(in_venv), calls
 
 
-
 FAKE_BASE_PYTHON = """#!/usr/bin/env bash
 # the python that makes .venv ($PYTHON): torch imports; from a virtual environment of its own when
 # $FAKE_OTHER_VENV is set (an activated venv), else from the machine's site-packages; `-m venv` makes a fake .venv
@@ -206,11 +210,7 @@ def test_setup_shares_only_the_machines_own_torch(tmp_path, other_venv):
     """A machine whose Python has torch (a GPU image) gets a .venv that sees it; run from another activated
     virtual environment with torch, setup makes a plain .venv: the new one would see the machine's
     site-packages (other packages, and no torch), not that environment's."""
-    repo = tmp_path / "repo"
-    (repo / "infra").mkdir(parents=True)
-    shutil.copy(ROOT / "infra" / "setup.sh", repo / "infra" / "setup.sh")
-    (repo / "data" / "raw").mkdir(parents=True)
-    (repo / "data" / "raw" / "images_medseg.npy").touch()
+    repo = _setup_repo(tmp_path / "repo")
     fakes = {"base": tmp_path / "base-python", "venv": tmp_path / "venv-python"}
     fakes["base"].write_text(FAKE_BASE_PYTHON)
     fakes["venv"].write_text(FAKE_PYTHON)
@@ -224,6 +224,7 @@ def test_setup_shares_only_the_machines_own_torch(tmp_path, other_venv):
     assert out.returncode == 0, out.stderr
     (made,) = [line for line in calls.read_text().splitlines() if "-m venv" in line]
     assert made == ("base -m venv .venv" if other_venv else "base -m venv --system-site-packages .venv")
+
 
 # ----------------------------------------------------------------------------- secrets
 
